@@ -1,0 +1,497 @@
+"""MLflow tracking: one run per trial, idempotent on the trial key, safe inside Ray workers.
+
+Everything goes through an explicit :class:`mlflow.MlflowClient` (no fluent ``mlflow.start_run``
+global state), because trials run inside long-lived Ray worker processes that may host several
+trials one after another.
+
+Store layout of the embedded default (no server needed)::
+
+    <out_dir>/mlflow.db          # SQLite backend (runs, params, metrics, tags)
+    <out_dir>/mlartifacts/<exp>/ # artifacts: confusion_matrix.png, per_class_recall.csv, ...
+
+Browse it with ``mlflow ui --backend-store-uri sqlite:///<out_dir>/mlflow.db``. On a cluster, run one
+``mlflow server`` on the head and pass its URL (``--tracking-uri`` or ``MLFLOW_TRACKING_URI``): direct
+SQLite from many processes costs ~0.7 s of store init per process and is unsafe across nodes.
+
+Idempotency contract (a resumed or re-run trial never duplicates anything):
+
+* a run is identified by its ``trial_key`` tag inside an experiment (:func:`get_or_create_run`);
+* params already present on the run are skipped (MLflow refuses to change a param value);
+* a metric is written at step ``s`` only if the run holds no value for that key at a step ``>= s``
+  (Ray re-reports the last epoch after a driver restore).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DB_FILENAME = "mlflow.db"
+ARTIFACTS_DIRNAME = "mlartifacts"
+
+# Tags every trial run carries (docs/design.md, "MLflow").
+TAG_DATASET = "dataset"
+TAG_ARCH = "arch"
+TAG_FOLD = "fold"
+TAG_SWEEP = "sweep"
+TAG_STAGE = "stage"
+TAG_CONFIG_HASH = "config_hash"
+TAG_TRIAL_KEY = "trial_key"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag; the UI shows children under it
+STAGE_SEARCH = "search"
+STAGE_CV = "cv"
+STAGE_SWEEP = "sweep"  # parent runs created by the sweep driver
+
+RECALL_PREFIX = "test_recall_"
+CONFIG_HASH_EXCLUDED = frozenset({"fold"})  # same configuration on every fold -> same hash
+
+# MLflow's per-call limits (mlflow.utils.validation).
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAM_VALUE_LENGTH = 6000
+_INIT_LOCK_SUFFIX = ".init.lock"
+_SQLITE_PREFIX = "sqlite:///"
+
+
+# --------------------------------------------------------------------------------------------
+# Tracking URI
+
+
+def default_tracking_uri(out_dir: Path) -> str:
+    """The embedded store of a project output folder: ``sqlite:///<abs out_dir>/mlflow.db``.
+
+    Artifacts of experiments created through :func:`ensure_experiment` on this store go to
+    ``<out_dir>/mlartifacts``. The folder is created if missing (SQLite does not create it).
+    """
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"{_SQLITE_PREFIX}{out / DB_FILENAME}"
+
+
+def resolve_tracking_uri(uri: str | None, out_dir: Path) -> str:
+    """Pick the tracking URI: explicit ``uri`` > ``$MLFLOW_TRACKING_URI`` > the embedded default.
+
+    Raises:
+        ValueError: the chosen URI is MLflow's retired file store (``file:`` or a bare folder),
+            which MLflow 3.17 refuses to open.
+    """
+    chosen = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if chosen is None:
+        return default_tracking_uri(out_dir)
+    is_path = "://" not in chosen and not chosen.startswith("databricks")
+    if chosen.startswith("file:") or is_path:
+        source = "--tracking-uri" if uri else "MLFLOW_TRACKING_URI"
+        raise ValueError(
+            f"{source}={chosen!r} is an MLflow file store, which MLflow 3 no longer opens; "
+            f"use a database ('sqlite:////abs/path/mlflow.db') or a server ('http://host:5000')"
+        )
+    return chosen
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other backend)."""
+    if not tracking_uri.startswith(_SQLITE_PREFIX):
+        return None
+    return Path(tracking_uri[len(_SQLITE_PREFIX) :].split("?", 1)[0]).absolute()
+
+
+@contextlib.contextmanager
+def _init_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise SQLite store creation across processes.
+
+    MLflow creates and migrates a fresh SQLite database on first open; two processes doing that at
+    once fail with "table experiments already exists". A file lock next to the database orders them.
+    """
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + _INIT_LOCK_SUFFIX), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def make_client(tracking_uri: str):
+    """An :class:`mlflow.MlflowClient` whose store is opened (and, for SQLite, created) safely."""
+    from mlflow import MlflowClient
+
+    with _init_lock(tracking_uri):
+        return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _as_client(client_or_uri: Any):
+    return make_client(client_or_uri) if isinstance(client_or_uri, str) else client_or_uri
+
+
+# --------------------------------------------------------------------------------------------
+# Experiments and runs
+
+
+def _default_artifact_location(tracking_uri: str, name: str) -> str | None:
+    """``<db folder>/mlartifacts/<name>`` for a SQLite store; None (server default) otherwise."""
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return None
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "experiment"
+    return (db.parent / ARTIFACTS_DIRNAME / slug).as_uri()
+
+
+def ensure_experiment(client_or_uri: Any, name: str, artifact_location: str | None = None) -> str:
+    """Return the id of experiment ``name``, creating it if needed.
+
+    Idempotent and race-safe: when several processes create it at once, the losers read the
+    winner's id. A deleted experiment of that name is restored (MLflow forbids reusing the name).
+
+    Args:
+        client_or_uri: an ``MlflowClient`` or a tracking URI.
+        name: experiment name.
+        artifact_location: where runs store artifacts; defaults to ``<db folder>/mlartifacts/<name>``
+            on a SQLite store and to the server's artifact root otherwise.
+    """
+    from mlflow.entities import LifecycleStage
+    from mlflow.exceptions import MlflowException
+
+    client = _as_client(client_or_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == LifecycleStage.DELETED:
+            logger.warning("restoring deleted MLflow experiment %r", name)
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    location = artifact_location or _default_artifact_location(client.tracking_uri, name)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as err:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        logger.debug("experiment %r created concurrently (%s)", name, err.error_code)
+        return experiment.experiment_id
+
+
+def _find_runs_by_key(client: Any, experiment_id: str, key: str) -> list[Any]:
+    """Active runs of the experiment tagged ``trial_key = key``, oldest first."""
+    runs = client.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.{TAG_TRIAL_KEY} = '{key}'",
+        max_results=100,
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def get_or_create_run(
+    tracking_uri: str,
+    experiment_id: str,
+    key: str,
+    run_name: str,
+    tags: Mapping[str, Any],
+    parent_run_id: str | None = None,
+) -> str:
+    """Return the id of the run tagged ``trial_key=key``, creating it if there is none.
+
+    Used for trial runs and for the sweep driver's parent runs alike. After creating a run it
+    searches again; if a concurrent caller created one for the same key, the oldest run wins and
+    the newer one is deleted, so both callers end up with the same id.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        experiment_id: from :func:`ensure_experiment`.
+        key: stable identity of the trial (e.g. ``"<sweep>/<dataset>/<arch>/<config_hash>/f<fold>"``).
+        run_name: display name in the MLflow UI.
+        tags: tags set on creation (values are stringified).
+        parent_run_id: nest the run under this run (MLflow's ``mlflow.parentRunId`` tag).
+
+    Raises:
+        ValueError: ``key`` is empty or contains a quote (it is used inside a search filter).
+    """
+    if not key or "'" in key or '"' in key:
+        raise ValueError(f"trial_key must be non-empty and free of quotes, got {key!r}")
+    client = make_client(tracking_uri)
+    existing = _find_runs_by_key(client, experiment_id, key)
+    if existing:
+        return existing[0].info.run_id
+    all_tags = {str(k): str(v) for k, v in tags.items()}
+    all_tags[TAG_TRIAL_KEY] = key
+    if parent_run_id:
+        all_tags[PARENT_RUN_TAG] = parent_run_id
+    run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    winner = _find_runs_by_key(client, experiment_id, key)[0].info.run_id
+    if winner != run.info.run_id:
+        logger.info("run for trial_key %r created concurrently; using %s", key, winner)
+        client.delete_run(run.info.run_id)
+    return winner
+
+
+def config_hash(flat_config: Mapping[str, Any]) -> str:
+    """A stable 12-hex-digit hash of a flat trial configuration.
+
+    Every key takes part except those in ``CONFIG_HASH_EXCLUDED`` (``fold``), so the five folds of
+    one configuration share a hash and the tables can group them. Key order does not matter;
+    values are compared through their JSON form (``1`` and ``1.0`` differ).
+    """
+    kept = {str(k): v for k, v in flat_config.items() if k not in CONFIG_HASH_EXCLUDED}
+    text = json.dumps(kept, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def recall_metric_name(class_name: str) -> str:
+    """``test_recall_<class_name>``, with characters MLflow rejects in metric names replaced."""
+    return RECALL_PREFIX + re.sub(r"[^A-Za-z0-9_\-. ]", "_", str(class_name))
+
+
+# --------------------------------------------------------------------------------------------
+# Trial logger
+
+
+class TrialLogger:
+    """Logs one trial to its own MLflow run; safe to construct again on resume.
+
+    Example::
+
+        tl = TrialLogger(uri, "mtcae", trial_key, "ravdess-cascaded_vit-f0", tags, flat_config,
+                         parent_run_id=parent)
+        for epoch in range(start, epochs):
+            tl.log_epoch({"train_loss": ..., "val_uar": ...}, epoch)
+        tl.log_final({"test_uar": ..., "best_epoch": 12}, y_true, y_pred, class_names, clip_ids)
+        tl.finish()
+
+    Args:
+        tracking_uri: MLflow tracking URI (see :func:`resolve_tracking_uri`).
+        experiment_name: created if missing.
+        trial_key: identity of the trial; the same key always maps to the same run.
+        run_name: display name.
+        tags: run tags (``dataset``, ``arch``, ``fold``, ``sweep``, ``stage``, ``config_hash``).
+        params: the flat configuration, logged as params (values already on the run are kept).
+        parent_run_id: nest under this run.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        trial_key: str,
+        run_name: str,
+        tags: Mapping[str, Any],
+        params: Mapping[str, Any],
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self._client = make_client(tracking_uri)
+        self.experiment_id = ensure_experiment(self._client, experiment_name)
+        self.run_id = get_or_create_run(
+            tracking_uri, self.experiment_id, trial_key, run_name, tags, parent_run_id
+        )
+        run = self._client.get_run(self.run_id)
+        if run.info.status != "RUNNING":
+            self._client.update_run(self.run_id, status="RUNNING")
+        self._last_step = self._load_last_steps(run.data.metrics)
+        self._log_params(params, run.data.params)
+
+    def _load_last_steps(self, latest: Mapping[str, float]) -> dict[str, int]:
+        """Highest step already stored per metric key (queried once, on resume)."""
+        return {
+            key: max(m.step for m in self._client.get_metric_history(self.run_id, key))
+            for key in latest
+        }
+
+    def _log_params(self, params: Mapping[str, Any], existing: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        new = []
+        for key, value in params.items():
+            text = "None" if value is None else str(value)
+            text = text[:_MAX_PARAM_VALUE_LENGTH]
+            if key in existing:
+                if existing[key] != text:
+                    logger.warning(
+                        "run %s: param %r stays %r (new value %r ignored; MLflow params are "
+                        "immutable)", self.run_id, key, existing[key], text
+                    )
+                continue
+            new.append(Param(str(key), text))
+        for start in range(0, len(new), _MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=new[start : start + _MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> int:
+        """Log ``metrics`` at ``step`` in one batch, skipping keys already logged at ``>= step``.
+
+        Returns:
+            The number of values written.
+        """
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), now, int(step))
+            for key, value in metrics.items()
+            if value is not None and self._last_step.get(key, -1) < step
+        ]
+        if len(batch) < sum(v is not None for v in metrics.values()):
+            logger.debug("run %s: step %d already logged for some keys; skipped", self.run_id, step)
+        for start in range(0, len(batch), _MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=batch[start : start + _MAX_METRICS_PER_BATCH])
+        for metric in batch:
+            self._last_step[metric.key] = int(step)
+        return len(batch)
+
+    def log_epoch(self, metrics: Mapping[str, float], epoch: int) -> int:
+        """Log one epoch's metrics with ``step=epoch`` (a re-reported epoch is not duplicated)."""
+        return self.log_metrics(metrics, epoch)
+
+    def log_final(
+        self,
+        metrics: Mapping[str, float],
+        y_true: Sequence[int] | np.ndarray,
+        y_pred: Sequence[int] | np.ndarray,
+        class_names: Sequence[str],
+        clip_ids: Sequence[str],
+    ) -> None:
+        """Log the test results and the artifacts a researcher opens first.
+
+        Metrics (step 0): ``metrics`` plus ``test_recall_<class>`` computed from the predictions
+        (values given in ``metrics`` win). Artifacts: ``confusion_matrix.png``,
+        ``per_class_recall.csv``, ``predictions.csv``.
+
+        Raises:
+            ValueError: the lengths of ``y_true``, ``y_pred`` and ``clip_ids`` differ, or a label is
+                outside ``range(len(class_names))``.
+        """
+        true, pred = _check_predictions(y_true, y_pred, class_names, clip_ids)
+        confusion = confusion_matrix(true, pred, len(class_names))
+        recalls = _recalls(confusion)
+        final = {recall_metric_name(n): r for n, r in zip(class_names, recalls) if not np.isnan(r)}
+        final.update(metrics)
+        self.log_metrics(final, 0)
+        with tempfile.TemporaryDirectory(prefix="mtcae_artifacts_") as tmp:
+            folder = Path(tmp)
+            save_confusion_png(confusion, class_names, folder / "confusion_matrix.png")
+            _write_recall_csv(confusion, class_names, folder / "per_class_recall.csv")
+            _write_predictions_csv(true, pred, class_names, clip_ids, folder / "predictions.csv")
+            self._client.log_artifacts(self.run_id, str(folder))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set (or overwrite) run tags, e.g. a checkpoint URI."""
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(str(k), str(v)) for k, v in tags.items()]
+        self._client.log_batch(self.run_id, tags=batch)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
+        self._client.set_terminated(self.run_id, status=status)
+
+    def __enter__(self) -> TrialLogger:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        self.finish("FAILED" if exc_type is not None else "FINISHED")
+
+
+# --------------------------------------------------------------------------------------------
+# Final artifacts
+
+
+def _check_predictions(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    class_names: Sequence[str],
+    clip_ids: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    true = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    pred = np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    if not len(true) == len(pred) == len(clip_ids):
+        raise ValueError(
+            f"y_true, y_pred and clip_ids must have equal lengths, got "
+            f"{len(true)}, {len(pred)}, {len(clip_ids)}"
+        )
+    k = len(class_names)
+    for name, labels in (("y_true", true), ("y_pred", pred)):
+        if labels.size and (labels.min() < 0 or labels.max() >= k):
+            raise ValueError(f"{name} holds labels outside 0..{k - 1} ({k} class_names)")
+    return true, pred
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts ``C[i, j]`` of clips of true class i predicted as j, shape (K, K)."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    return confusion
+
+
+def _recalls(confusion: np.ndarray) -> np.ndarray:
+    support = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+
+
+def save_confusion_png(confusion: np.ndarray, class_names: Sequence[str], path: Path) -> None:
+    """Write a row-normalised confusion matrix (counts annotated) as a PNG.
+
+    Uses a bare Agg ``Figure`` (no pyplot), so it is safe in worker processes without a display.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    k = len(class_names)
+    support = confusion.sum(axis=1, keepdims=True)
+    rates = confusion / np.maximum(support, 1)
+    fig = Figure(figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(k):
+        for j in range(k):
+            color = "white" if rates[i, j] > 0.5 else "black"
+            ax.text(j, i, str(confusion[i, j]), ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(k), labels=list(class_names), rotation=45, ha="right")
+    ax.set_yticks(range(k), labels=list(class_names))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _write_recall_csv(confusion: np.ndarray, class_names: Sequence[str], path: Path) -> None:
+    recalls = _recalls(confusion)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "recall", "support", "correct"])
+        for i, name in enumerate(class_names):
+            recall = "" if np.isnan(recalls[i]) else f"{recalls[i]:.6f}"
+            writer.writerow([name, recall, int(confusion[i].sum()), int(confusion[i, i])])
+
+
+def _write_predictions_csv(
+    true: np.ndarray,
+    pred: np.ndarray,
+    class_names: Sequence[str],
+    clip_ids: Sequence[str],
+    path: Path,
+) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["clip_id", "label", "label_name", "pred", "pred_name", "correct"])
+        for clip, t, p in zip(clip_ids, true, pred):
+            writer.writerow([clip, int(t), class_names[t], int(p), class_names[p], int(t == p)])
