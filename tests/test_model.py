@@ -1,0 +1,201 @@
+"""model/: the six architectures, the encoder, Algorithm 1, parameter counts, loss and metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (
+    ARCHITECTURES,
+    ModelConfig,
+    MultiTaskLoss,
+    VideoMAEEncoder,
+    build_model,
+    classification_metrics,
+    count_parameters,
+    decoder_config,
+    encoder_config,
+    normalize_video,
+)
+from model.decoder import ViTDecoder
+
+T, S, K = 4, 32, 5
+
+
+def tiny_config(**kw) -> ModelConfig:
+    dec = decoder_config("official", embed_dim=16, head_dim=8, depth=2)
+    base = dict(encoder="tiny", img_size=S, num_frames=T, decoder=dec, num_classes=K)
+    return ModelConfig(**{**base, **kw})
+
+
+def fake_batch(B: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "label": torch.randint(0, K, (B,), generator=g),
+        "boxes": torch.rand(B, T, 4, generator=g),
+        "landmarks": torch.rand(B, T, 5, 2, generator=g),
+        "valid": torch.ones(B, T, dtype=torch.bool),
+    }
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_forward_backward_shapes_and_frozen_encoder(arch: str) -> None:
+    torch.manual_seed(0)
+    net = build_model(arch, tiny_config())
+    net.train()
+    out = net(torch.randn(2, 3, T, S, S))
+    assert out.logits.shape == (2, K)
+    if arch == "stl":
+        assert out.boxes is None and out.landmarks is None
+    else:
+        assert out.boxes.shape == (2, T, 4) and out.landmarks.shape == (2, T, 5, 2)
+    losses = MultiTaskLoss()(out, fake_batch())
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    assert all(p.grad is None for p in net.encoder.parameters()), "frozen encoder received gradients"
+    assert not net.encoder.training, "a frozen encoder must stay in eval mode"
+    grads = [p.grad for p in net.trainable_parameters()]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_unfrozen_encoder_gets_gradients() -> None:
+    net = build_model("cascaded_vit", tiny_config(freeze_encoder=False))
+    MultiTaskLoss()(net(torch.randn(2, 3, T, S, S)), fake_batch())["loss"].backward()
+    assert all(p.grad is not None for p in net.encoder.parameters())
+
+
+def test_architectures_list_is_the_papers_six() -> None:
+    assert ARCHITECTURES == ("stl", "nonshared_mlp", "nonshared_vit", "shared_mlp", "shared_vit", "cascaded_vit")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("cascaded_mlp", tiny_config())
+
+
+def _logits_after_perturbing(arch: str, decoder: str) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    net = build_model(arch, tiny_config()).eval()
+    x = torch.randn(2, 3, T, S, S)
+    before = net(x).logits
+    with torch.no_grad():
+        for p in net.decoders[decoder].parameters():
+            p.add_(torch.randn_like(p))
+    return before, net(x).logits
+
+
+def test_cascade_routes_box_decoder_into_expression() -> None:
+    before, after = _logits_after_perturbing("cascaded_vit", "box")
+    assert not torch.allclose(before, after), "eq. 5-6: the expression decoder's query comes from the box decoder"
+
+
+def test_nonshared_decoders_are_independent() -> None:
+    before, after = _logits_after_perturbing("nonshared_vit", "box")
+    torch.testing.assert_close(before, after)
+
+
+def test_shared_decoder_feeds_every_task() -> None:
+    before, after = _logits_after_perturbing("shared_vit", "shared")
+    assert not torch.allclose(before, after)
+
+
+def _reference_decoder(dec: ViTDecoder, y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1 written out with an explicit softmax(QK^T/sqrt(d))V."""
+    kv = dec.kv_norm(f)
+    for blk in dec.blocks:
+        a = blk.attn
+        B, N, _ = y.shape
+        q = a.q(blk.norm1(y)).view(B, N, a.num_heads, a.head_dim).transpose(1, 2)
+        k, v = a.kv(kv).view(B, -1, 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-2, -1) / math.sqrt(a.head_dim)).softmax(-1)
+        z = a.proj((att @ v).transpose(1, 2).reshape(B, N, -1)) + y
+        m = blk.mlp
+        y = F.gelu(m.fc2(F.gelu(m.fc1(blk.norm2(z))))) + z
+    return y
+
+
+def test_vit_decoder_matches_algorithm_1() -> None:
+    torch.manual_seed(0)
+    dec = ViTDecoder(decoder_config("official", embed_dim=24, head_dim=10, depth=3)).eval()
+    y, f = torch.randn(2, 7, 24), torch.randn(2, 9, 24)
+    torch.testing.assert_close(dec(y, f), _reference_decoder(dec, y, f), atol=1e-5, rtol=1e-5)
+
+
+def test_official_parameter_counts_match_authors_notebook() -> None:
+    # Printed in the authors' executed notebook (official_spec.md 1 and 4.3).
+    net = build_model("cascaded_vit", ModelConfig(encoder="tiny", encoder_overrides={"embed_dim": 1024},
+                                                  decoder="official", num_classes=7, head_order="pool_norm"))
+    assert count_parameters(net.decoders["expr"]) == 3_159_296
+    assert count_parameters(net, trainable_only=True) == 9_800_935
+
+
+def test_vit_large_encoder_parameter_count() -> None:
+    with torch.device("meta"):
+        enc = VideoMAEEncoder(encoder_config("vit_large"))
+    assert count_parameters(enc) == 303_858_688
+    assert enc.cfg.num_tokens == 1568
+
+
+def test_encoder_layouts_and_position_switch() -> None:
+    torch.manual_seed(0)
+    cfg = encoder_config("tiny", img_size=S, num_frames=T)
+    enc = VideoMAEEncoder(cfg).eval()
+    x = torch.randn(2, 3, T, S, S)
+    tokens = enc(x)
+    assert tokens.shape == (2, cfg.num_tokens, cfg.embed_dim)
+    torch.testing.assert_close(enc(x.permute(0, 2, 3, 4, 1), layout="BTHWC"), tokens)
+    no_pos = VideoMAEEncoder(encoder_config(cfg, use_pos_embed=False)).eval()
+    no_pos.load_state_dict(enc.state_dict())
+    assert not torch.allclose(no_pos(x), tokens)
+    assert "pos_embed" not in enc.state_dict(), "the sinusoid table is a non-persistent buffer"
+    with pytest.raises(ValueError, match="expects clips"):
+        enc(torch.randn(1, 3, T, S + 16, S))
+
+
+def test_normalize_video_layout_and_values() -> None:
+    video = torch.full((1, T, S, S, 3), 255, dtype=torch.uint8)
+    x = normalize_video(video)
+    assert x.shape == (1, 3, T, S, S)
+    assert x[0, 0, 0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229)
+
+
+def test_feature_path_equals_end_to_end_for_frozen_encoder() -> None:
+    net = build_model("shared_vit", tiny_config()).eval()
+    x = torch.randn(2, 3, T, S, S)
+    torch.testing.assert_close(net.forward_tokens(net.encode(x)).logits, net(x).logits)
+
+
+def test_loss_masks_invalid_frames() -> None:
+    net = build_model("cascaded_vit", tiny_config()).eval()
+    out = net(torch.randn(2, 3, T, S, S))
+    batch = fake_batch()
+    masked = dict(batch, valid=torch.tensor([[True] * T, [False] * T]))
+    corrupted = dict(masked, boxes=batch["boxes"].clone())
+    corrupted["boxes"][1] += 100.0  # garbage on frames without a face must not matter
+    loss = MultiTaskLoss()
+    assert loss(out, masked)["loss_box"].item() == pytest.approx(loss(out, corrupted)["loss_box"].item())
+    none_valid = dict(batch, valid=torch.zeros(2, T, dtype=torch.bool))
+    assert loss(out, none_valid)["loss_box"].item() == 0.0
+    full = loss(out, batch)
+    expected = 0.5 * full["loss_box"] + 0.5 * full["loss_landmark"] + 1.5 * full["loss_expr"]
+    torch.testing.assert_close(full["loss"], expected)
+
+
+def test_uar_war_against_hand_computed_confusion() -> None:
+    # truth: class 0 x4, class 1 x2, class 2 x2; class 2 is never predicted.
+    y_true = [0, 0, 0, 0, 1, 1, 2, 2]
+    y_pred = [0, 0, 0, 1, 1, 1, 0, 1]
+    m = classification_metrics(y_true, y_pred, num_classes=3)
+    np.testing.assert_array_equal(m["confusion"], [[3, 1, 0], [0, 2, 0], [1, 1, 0]])
+    assert m["war"] == pytest.approx(5 / 8)
+    assert m["uar"] == pytest.approx((3 / 4 + 1.0 + 0.0) / 3)
+    assert m["per_class_recall"] == pytest.approx([0.75, 1.0, 0.0])
+
+
+def test_uar_ignores_classes_without_samples() -> None:
+    m = classification_metrics([0, 0, 1], [0, 1, 1], num_classes=4)
+    assert m["uar"] == pytest.approx((0.5 + 1.0) / 2)
+    assert np.isnan(m["per_class_recall"][3])
+    with pytest.raises(ValueError, match="outside"):
+        classification_metrics([0, 5], [0, 1], num_classes=4)
