@@ -1,0 +1,941 @@
+"""Result tables and figures from MLflow trial runs, in the paper's shape (``mtcae table``).
+
+Pipeline: :func:`load_runs` (MLflow -> one row per dataset/arch/configuration/fold) ->
+:func:`aggregate` (mean ± std over folds per dataset/arch, folds present vs expected) ->
+table builders (:func:`table1`, :func:`comparison_tables`, :func:`recall_tables`,
+:func:`compare_archs`) -> renderers (:func:`to_markdown`, :func:`to_latex`, CSV, :func:`plot_results`)
+-> :func:`make_tables` writes the files and logs them to the sweep's parent run.
+
+Conventions:
+
+* Trial runs log UAR/WAR/accuracy/recall as fractions in [0, 1] (``model.metrics``); tables show
+  percent, like the paper.
+* ``±`` is the sample standard deviation over folds (ddof=1); a single fold shows no ``±``.
+* A fold counts as done when its run is ``FINISHED`` and has ``test_war``. Missing folds (no run),
+  failed folds (``FAILED``/``KILLED``/finished without test metrics) and running folds are listed
+  next to every mean: they are never silently averaged away.
+* When a (dataset, arch) group holds several configurations (``config_hash``), the one with the
+  most done folds, then the best mean ``val_uar`` (the runs' last logged value), is reported: the
+  choice never looks at test metrics.
+* Datasets without a paper reference (e.g. ``demo``) show ``n/a`` in the paper columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from orchestrator import paper_results as paper
+from orchestrator.tracking import (
+    RECALL_PREFIX,
+    STAGE_SWEEP,
+    TAG_ARCH,
+    TAG_CONFIG_HASH,
+    TAG_DATASET,
+    TAG_FOLD,
+    TAG_STAGE,
+    TAG_SWEEP,
+    TAG_TRIAL_KEY,
+    PARENT_RUN_TAG,
+    make_client,
+    sqlite_path,
+)
+
+logger = logging.getLogger(__name__)
+
+SCALE = 100.0  # fractions -> percent
+DEFAULT_N_FOLDS = 5  # paper: 5-fold cross-validation; used when runs carry no n_folds param
+SELECT_METRIC = "val_uar"
+WILCOXON_MIN_PAIRS = 5  # below this the signed-rank test is not reported
+ALPHA = 0.05
+FORMATS = ("md", "csv", "latex", "png")
+MISSING = "—"
+NA = "n/a"
+ARTIFACT_DIR = "tables"
+
+_DONE, _FAILED, _RUNNING = "done", "failed", "running"
+_KEY = ["dataset", "arch", "config_hash", "fold"]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _experiment_ids(client, experiment: str | Sequence[str] | None) -> dict[str, str]:
+    """Experiment id -> name for the requested names (all active experiments when None)."""
+    if experiment is None:
+        found = client.search_experiments(max_results=None)
+        return {e.experiment_id: e.name for e in found}
+    names = [experiment] if isinstance(experiment, str) else list(experiment)
+    out = {}
+    for name in names:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            known = sorted(e.name for e in client.search_experiments(max_results=None))
+            raise ValueError(f"MLflow experiment {name!r} not found; known: {known}")
+        out[exp.experiment_id] = name
+    return out
+
+
+def _stage_filter(stage: str | None, sweep: str | None) -> str:
+    clauses = []
+    for tag, value in ((TAG_STAGE, stage), (TAG_SWEEP, sweep)):
+        if value is None:
+            continue
+        if "'" in value:
+            raise ValueError(f"{tag} value must not contain quotes, got {value!r}")
+        clauses.append(f"tags.{tag} = '{value}'")
+    return " and ".join(clauses)
+
+
+def _search_all(client, experiment_ids: list[str], filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string=filter_string, max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _run_row(run, experiment_name: str) -> dict:
+    tags, info = run.data.tags, run.info
+    row = {
+        "run_id": info.run_id,
+        "run_name": info.run_name,
+        "experiment": experiment_name,
+        "status": info.status,
+        "dataset": paper.canonical_dataset(tags.get(TAG_DATASET, "")),
+        "arch": tags.get(TAG_ARCH, ""),
+        "fold": tags.get(TAG_FOLD),
+        "sweep": tags.get(TAG_SWEEP, ""),
+        "stage": tags.get(TAG_STAGE, ""),
+        "config_hash": tags.get(TAG_CONFIG_HASH, ""),
+        "trial_key": tags.get(TAG_TRIAL_KEY, ""),
+        "parent_run_id": tags.get(PARENT_RUN_TAG, ""),
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+    }
+    row.update(run.data.metrics)
+    row.update({f"param.{k}": v for k, v in run.data.params.items()})
+    return row
+
+
+def _open_store(tracking_uri: str):
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.exists():
+        raise FileNotFoundError(
+            f"no MLflow store at {db}; run a sweep or `mtcae demo` first, or pass --tracking-uri / "
+            f"--out pointing at the folder that holds mlflow.db"
+        )
+    return make_client(tracking_uri)
+
+
+def load_runs(
+    tracking_uri: str,
+    experiment: str | Sequence[str] | None = None,
+    sweep: str | None = None,
+    stage: str | None = "cv",
+) -> pd.DataFrame:
+    """Trial runs as a DataFrame, one row per (dataset, arch, config_hash, fold).
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        experiment: experiment name(s); None reads every active experiment.
+        sweep: keep only runs tagged ``sweep=<sweep>``.
+        stage: ``"cv"`` (default), ``"search"``, ``None`` for any trial stage, or ``"auto"``:
+            ``cv`` runs when there are any, else all trial runs.
+
+    Returns:
+        Columns ``run_id, run_name, experiment, status, dataset, arch, fold (Int64), sweep, stage,
+        config_hash, trial_key, parent_run_id, start_time, end_time``, one column per metric
+        (``test_uar``, ``test_recall_<class>`` ...) and ``param.<name>`` per param. Sweep parent
+        runs (``stage=sweep``) and runs without ``dataset``/``arch`` tags are left out. When one
+        fold was logged twice, the finished run with test metrics (then the newest) is kept.
+
+    Raises:
+        FileNotFoundError: a ``sqlite:///`` URI whose database file does not exist.
+        ValueError: an unknown experiment name.
+    """
+    client = _open_store(tracking_uri)
+    experiments = _experiment_ids(client, experiment)
+    if stage == "auto":
+        frame = load_runs(tracking_uri, experiment, sweep, "cv") if experiments else pd.DataFrame()
+        if len(frame):
+            return frame
+        logger.info("no runs tagged stage=cv; using every trial run (search stage included)")
+        stage = None
+    runs = _search_all(client, list(experiments), _stage_filter(stage, sweep)) if experiments else []
+    rows = [_run_row(r, experiments[r.info.experiment_id]) for r in runs]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=["run_id", "status", "stage", *_KEY])
+    frame = frame[frame["stage"] != STAGE_SWEEP]
+    unlabeled = (frame["dataset"] == "") | (frame["arch"] == "")
+    if unlabeled.any():
+        logger.warning("ignoring %d run(s) without dataset/arch tags", int(unlabeled.sum()))
+    frame = frame[~unlabeled].copy()
+    frame["fold"] = pd.to_numeric(frame["fold"], errors="coerce").astype("Int64")
+    return _deduplicate(frame).reset_index(drop=True)
+
+
+def _deduplicate(frame: pd.DataFrame) -> pd.DataFrame:
+    """Keep one run per (dataset, arch, config, fold): finished with test metrics, then newest."""
+    has_test = frame["test_war"].notna() if "test_war" in frame else False
+    frame = frame.assign(_ok=(frame["status"] == "FINISHED") & has_test)
+    frame = frame.sort_values(["_ok", "start_time"], ascending=[False, False], kind="stable")
+    deduped = frame.drop_duplicates(_KEY, keep="first")
+    if len(deduped) < len(frame):
+        logger.warning("%d duplicate fold run(s) ignored", len(frame) - len(deduped))
+    return deduped.drop(columns="_ok").sort_values(_KEY, kind="stable")
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def fold_state(runs: pd.DataFrame) -> pd.Series:
+    """``done`` | ``failed`` | ``running`` for each run row."""
+    has_test = runs["test_war"].notna() if "test_war" in runs else pd.Series(False, runs.index)
+    finished = runs["status"] == "FINISHED"
+    running = runs["status"].isin(["RUNNING", "SCHEDULED"])
+    state = np.where(finished & has_test, _DONE, np.where(running, _RUNNING, _FAILED))
+    return pd.Series(state, index=runs.index)
+
+
+def _expected_folds(group: pd.DataFrame, n_folds: int | None) -> int:
+    if n_folds is not None:
+        return n_folds
+    if "param.n_folds" in group:
+        values = pd.to_numeric(group["param.n_folds"], errors="coerce").dropna()
+        if len(values):
+            return int(values.max())
+    return DEFAULT_N_FOLDS
+
+
+def _folds_text(folds: Iterable[int]) -> str:
+    return ",".join(str(int(f)) for f in sorted(folds))
+
+
+def _summarise_config(group: pd.DataFrame, n_folds: int | None) -> dict:
+    """Fold bookkeeping and mean/std of the test metrics for one configuration."""
+    state = fold_state(group)
+    done = group[state == _DONE]
+    expected = _expected_folds(group, n_folds)
+    present = set(group["fold"].dropna().astype(int))
+    out = {
+        "folds_expected": expected,
+        "folds_done": len(done),
+        "folds_missing": _folds_text(set(range(expected)) - present),
+        "folds_failed": _folds_text(group.loc[state == _FAILED, "fold"].dropna()),
+        "folds_running": _folds_text(group.loc[state == _RUNNING, "fold"].dropna()),
+        "select_score": done[SELECT_METRIC].mean() if SELECT_METRIC in done else np.nan,
+    }
+    for metric in ("uar", "war", "accuracy"):
+        values = done[f"test_{metric}"] * SCALE if f"test_{metric}" in done else pd.Series([], dtype=float)
+        out[f"{metric}_mean"] = values.mean() if len(values) else np.nan
+        out[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+    return out
+
+
+def aggregate(runs: pd.DataFrame, n_folds: int | None = None) -> pd.DataFrame:
+    """Mean ± std over folds per (dataset, arch), with the chosen configuration.
+
+    Args:
+        runs: from :func:`load_runs`.
+        n_folds: expected folds per group; default: the runs' ``n_folds`` param, else 5.
+
+    Returns:
+        One row per (dataset, arch): ``config_hash``, ``n_configs``, ``folds_expected``,
+        ``folds_done``, ``folds_missing``/``folds_failed``/``folds_running`` (comma-separated fold
+        indices), ``uar_mean``, ``uar_std``, ``war_mean``, ``war_std``, ``accuracy_mean``,
+        ``accuracy_std`` (percent), ``complete`` (all expected folds done).
+    """
+    columns = ["dataset", "arch", "config_hash", "n_configs", "folds_expected", "folds_done"]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for (dataset, arch), group in runs.groupby(["dataset", "arch"], sort=False):
+        configs = {
+            h: _summarise_config(g, n_folds) for h, g in group.groupby("config_hash", sort=False)
+        }
+        best = max(configs, key=lambda h: _selection_key(configs[h]))
+        rows.append({"dataset": dataset, "arch": arch, "config_hash": best,
+                     "n_configs": len(configs), **configs[best]})
+    agg = pd.DataFrame(rows)
+    agg["complete"] = agg["folds_done"] >= agg["folds_expected"]
+    return _sort_groups(agg).drop(columns="select_score")
+
+
+def _selection_key(summary: dict) -> tuple[int, float]:
+    score = summary["select_score"]
+    return summary["folds_done"], -math.inf if pd.isna(score) else float(score)
+
+
+def _dataset_rank(dataset: str) -> tuple[int, str]:
+    order = list(paper.DATASETS)
+    return (order.index(dataset), dataset) if dataset in order else (len(order), dataset)
+
+
+def _arch_rank(arch: str) -> tuple[int, str]:
+    order = paper.ARCH_ORDER
+    return (order.index(arch), arch) if arch in order else (len(order), arch)
+
+
+def _sort_groups(frame: pd.DataFrame) -> pd.DataFrame:
+    order = sorted(range(len(frame)), key=lambda i: (_dataset_rank(frame["dataset"].iat[i]),
+                                                     _arch_rank(frame["arch"].iat[i])))
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def chosen_runs(runs: pd.DataFrame, agg: pd.DataFrame) -> pd.DataFrame:
+    """The done fold runs of each group's chosen configuration."""
+    chosen = agg[["dataset", "arch", "config_hash"]]
+    merged = runs.merge(chosen, on=["dataset", "arch", "config_hash"], how="inner")
+    return merged[fold_state(merged) == _DONE].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+@dataclass
+class Table:
+    """A rendered-agnostic table.
+
+    Attributes:
+        name: file stem of its exports (``table1``, ``table2_ravdess`` ...).
+        title: caption.
+        cells: display strings without markup; columns may be a 2-level MultiIndex (group, name).
+        marks: same shape as ``cells``: ``"best"`` (bold), ``"second"`` (underline) or ``""``.
+        data: machine-readable numbers for the CSV export.
+        align: LaTeX column alignment per column (``l``, ``c``, ``r``).
+        notes: lines printed under the table (missing folds, selection, legend).
+    """
+
+    name: str
+    title: str
+    cells: pd.DataFrame
+    marks: pd.DataFrame
+    data: pd.DataFrame
+    align: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def fmt_mean_std(mean: float, std: float) -> str:
+    """``82.10 ± 1.23``; no ``±`` when std is undefined; ``—`` when there is no mean."""
+    if pd.isna(mean):
+        return MISSING
+    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _fmt_num(value: float | None, signed: bool = False, missing: str = NA) -> str:
+    if value is None or pd.isna(value):
+        return missing
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def rank_marks(values: pd.Series, second: bool = False) -> pd.Series:
+    """``best`` on the maximum of ``values`` (ties included), ``second`` on the runner-up."""
+    marks = pd.Series("", index=values.index, dtype=object)
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().sum() == 0:
+        return marks
+    top = numeric.max()
+    marks[numeric == top] = "best"
+    rest = numeric[numeric < top]
+    if second and len(rest):
+        marks[numeric == rest.max()] = "second"
+    return marks
+
+
+def _notes_for_groups(agg: pd.DataFrame) -> list[str]:
+    notes = []
+    for row in agg.itertuples():
+        problems = [
+            f"{label} {getattr(row, col)}"
+            for label, col in (("missing fold(s)", "folds_missing"), ("failed fold(s)",
+                               "folds_failed"), ("running fold(s)", "folds_running"))
+            if getattr(row, col)
+        ]
+        if problems:
+            notes.append(f"{paper.dataset_display(row.dataset)} / {row.arch}: "
+                         f"{row.folds_done}/{row.folds_expected} folds done; " + "; ".join(problems))
+        if row.n_configs > 1:
+            notes.append(f"{paper.dataset_display(row.dataset)} / {row.arch}: config "
+                         f"{row.config_hash} chosen among {row.n_configs} by folds done, then mean "
+                         f"{SELECT_METRIC}")
+    return notes
+
+
+def table1(agg: pd.DataFrame) -> Table:
+    """Table 1: rows = structure strategy, columns = UAR/WAR per dataset next to the paper's.
+
+    Per dataset: measured ``UAR`` and ``WAR`` (mean ± std), the ``paper`` value and ``Δ``
+    (measured - paper), and ``folds`` done/expected. The best measured and the best paper value
+    per dataset and metric are marked ``best``.
+    """
+    datasets = sorted(agg["dataset"].unique(), key=_dataset_rank)
+    archs = sorted(agg["arch"].unique(), key=_arch_rank)
+    cells: dict[tuple[str, str], list[str]] = {
+        ("", "MTL Type"): [paper.arch_info(a).mtl_type for a in archs],
+        ("", "Decoder"): [paper.arch_info(a).decoder for a in archs],
+    }
+    marks: dict[tuple[str, str], list[str]] = {}
+    data_rows = []
+    for dataset in datasets:
+        group = agg[agg["dataset"] == dataset].set_index("arch").reindex(archs)
+        display = paper.dataset_display(dataset)
+        for metric, ref_index in (("uar", 0), ("war", 1)):
+            label = metric.upper()
+            mean, std = group[f"{metric}_mean"].to_numpy(), group[f"{metric}_std"].to_numpy()
+            ref = [_paper_value(dataset, a, ref_index) for a in archs]
+            cells[(display, label)] = [fmt_mean_std(m, s) for m, s in zip(mean, std)]
+            cells[(display, f"{label} paper")] = [_fmt_num(r) for r in ref]
+            cells[(display, f"Δ{label}")] = [
+                _fmt_num(None if r is None else m - r, signed=True) for m, r in zip(mean, ref)
+            ]
+            marks[(display, label)] = rank_marks(pd.Series(mean, dtype=float)).tolist()
+            marks[(display, f"{label} paper")] = rank_marks(pd.Series(ref, dtype=float)).tolist()
+        cells[(display, "folds")] = [
+            MISSING if pd.isna(d) else f"{int(d)}/{int(e)}"
+            for d, e in zip(group["folds_done"], group["folds_expected"])
+        ]
+        data_rows.append(_table1_data(group, dataset))
+    frame = pd.DataFrame(cells)
+    mark_frame = pd.DataFrame({k: marks.get(k, [""] * len(archs)) for k in cells})
+    notes = _notes_for_groups(agg)
+    if any(dataset not in paper.DATASETS for dataset in datasets):
+        notes.append("n/a: the paper reports no result for this dataset")
+    align = ["l", "l"] + ["r"] * (frame.shape[1] - 2)
+    data = pd.concat(data_rows, ignore_index=True) if data_rows else pd.DataFrame()
+    title = "Table 1: structure strategies, test UAR/WAR (%) over folds vs. the paper"
+    return Table("table1", title, frame, mark_frame, data, align, notes)
+
+
+def _paper_value(dataset: str, arch: str, index: int) -> float | None:
+    ref = paper.paper_table1(dataset, arch)
+    return None if ref is None else ref[index]
+
+
+def _table1_data(group: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    rows = []
+    for arch, row in group.iterrows():
+        if pd.isna(row.get("folds_done")):
+            continue
+        info = paper.arch_info(arch)
+        entry = {"dataset": dataset, "arch": arch, "mtl_type": info.mtl_type,
+                 "decoder": info.decoder, "config_hash": row["config_hash"]}
+        for metric, ref_index in (("uar", 0), ("war", 1)):
+            ref = _paper_value(dataset, arch, ref_index)
+            entry[f"{metric}_mean"] = row[f"{metric}_mean"]
+            entry[f"{metric}_std"] = row[f"{metric}_std"]
+            entry[f"{metric}_paper"] = np.nan if ref is None else ref
+            entry[f"{metric}_delta"] = np.nan if ref is None else row[f"{metric}_mean"] - ref
+        for col in ("folds_done", "folds_expected", "folds_missing", "folds_failed", "folds_running"):
+            entry[col] = row[col]
+        rows.append(entry)
+    return pd.DataFrame(rows)
+
+
+def _ssl_flag(runs: pd.DataFrame) -> bool | None:
+    """Self-supervised = the encoder started from a (VideoMAE) checkpoint; None when unknown."""
+    if "param.encoder_checkpoint" not in runs:
+        return None
+    values = runs["param.encoder_checkpoint"].dropna().astype(str)
+    return bool(len(values)) and bool((~values.isin(["", "None", "none", "null"])).all())
+
+
+def _flag(value: bool | None) -> str:
+    return "?" if value is None else ("✓" if value else "×")
+
+
+def comparison_tables(agg: pd.DataFrame, runs: pd.DataFrame) -> list[Table]:
+    """Tables 2-4: per dataset, the paper's literature rows and the measured rows, ranked by WAR.
+
+    Literature rows are marked ``reported``; measured rows ``measured (done/expected folds)``.
+    Datasets without literature rows get a table of measured rows only.
+    """
+    tables = []
+    for dataset in sorted(agg["dataset"].unique(), key=_dataset_rank):
+        group = agg[agg["dataset"] == dataset]
+        rows = [_literature_row(r) for r in paper.LITERATURE.get(dataset, ())]
+        rows += [_measured_row(g, runs) for g in group.itertuples()]
+        frame = pd.DataFrame(rows)
+        frame = frame.sort_values(["war", "uar"], ascending=False, na_position="last",
+                                  kind="stable").reset_index(drop=True)
+        frame.insert(0, "rank", range(1, len(frame) + 1))
+        tables.append(_comparison_table(dataset, frame))
+    return tables
+
+
+def _literature_row(row: paper.LiteratureRow) -> dict:
+    return {"method": row.method, "ssl": row.ssl, "mtl": row.mtl, "uar": row.uar,
+            "uar_std": np.nan, "war": row.war, "war_std": np.nan, "source": "reported"}
+
+
+def _measured_row(group, runs: pd.DataFrame) -> dict:
+    info = paper.arch_info(group.arch)
+    mine = runs[(runs["dataset"] == group.dataset) & (runs["arch"] == group.arch)]
+    name = "STL" if not info.multitask else f"{info.mtl_type} {info.decoder}"
+    return {"method": f"{name} [{group.arch}] (this repo)", "ssl": _ssl_flag(mine),
+            "mtl": info.multitask, "uar": group.uar_mean, "uar_std": group.uar_std,
+            "war": group.war_mean, "war_std": group.war_std,
+            "source": f"measured ({group.folds_done}/{group.folds_expected} folds)"}
+
+
+def _comparison_table(dataset: str, frame: pd.DataFrame) -> Table:
+    display = paper.dataset_display(dataset)
+    number = paper.COMPARISON_TABLE_NUMBER.get(dataset)
+    cells = pd.DataFrame({
+        "Rank": frame["rank"].astype(str),
+        "Method": frame["method"],
+        "SSL": [_flag(v) for v in frame["ssl"]],
+        "MTL": [_flag(v) for v in frame["mtl"]],
+        "UAR": [fmt_mean_std(m, s) if src != "reported" else _fmt_num(m, missing="-")
+                for m, s, src in zip(frame["uar"], frame["uar_std"], frame["source"])],
+        "WAR": [fmt_mean_std(m, s) if src != "reported" else _fmt_num(m, missing="-")
+                for m, s, src in zip(frame["war"], frame["war_std"], frame["source"])],
+        "Source": frame["source"],
+    })
+    marks = pd.DataFrame("", index=cells.index, columns=cells.columns)
+    marks["UAR"] = rank_marks(frame["uar"], second=True)
+    marks["WAR"] = rank_marks(frame["war"], second=True)
+    if number is None:
+        name, title = f"comparison_{_slug(dataset)}", f"{display}: measured rows (paper: n/a)"
+        notes = [f"n/a: the paper reports no results on {display}"]
+    else:
+        name = f"table{number}_{_slug(dataset)}"
+        title = f"Table {number}: comparison with published methods on {display} (%)"
+        notes = []
+    notes.append("bold = best, underlined (markdown: italic) = second best; ranked by WAR")
+    return Table(name, title, cells, marks, frame.assign(dataset=dataset),
+                 ["r", "l", "c", "c", "r", "r", "l"], notes)
+
+
+def recall_tables(agg: pd.DataFrame, runs: pd.DataFrame) -> list[Table]:
+    """Per dataset: mean test recall (%) per class and architecture over the chosen folds."""
+    done = chosen_runs(runs, agg)
+    tables = []
+    for dataset in sorted(agg["dataset"].unique(), key=_dataset_rank):
+        mine = done[done["dataset"] == dataset]
+        columns = [c for c in mine.columns if c.startswith(RECALL_PREFIX) and mine[c].notna().any()]
+        if not columns:
+            continue
+        means = mine.groupby("arch")[columns].mean() * SCALE
+        means = means.loc[sorted(means.index, key=_arch_rank)]
+        classes = [c[len(RECALL_PREFIX):] for c in columns]
+        cells = pd.DataFrame({"Arch": means.index})
+        marks = pd.DataFrame({"Arch": [""] * len(means)})
+        for cls, col in zip(classes, columns):
+            cells[cls] = [_fmt_num(v, missing=MISSING) for v in means[col]]
+            marks[cls] = rank_marks(means[col].reset_index(drop=True))
+        data = means.set_axis(classes, axis=1).reset_index().assign(dataset=dataset)
+        title = f"Per-class test recall (%) on {paper.dataset_display(dataset)}"
+        tables.append(Table(f"recall_{_slug(dataset)}", title, cells, marks, data,
+                            ["l"] + ["r"] * len(classes), ["bold = best architecture per class"]))
+    return tables
+
+
+def compare_archs(
+    runs: pd.DataFrame,
+    agg: pd.DataFrame,
+    arch_a: str,
+    arch_b: str,
+    metrics: Sequence[str] = ("test_uar", "test_war"),
+) -> Table:
+    """Paired comparison of two architectures across the folds both completed, per dataset.
+
+    Reports mean A, mean B, mean and std of the per-fold difference A - B (percent points), the
+    paired t-test (``scipy.stats.ttest_rel``) and, with at least ``WILCOXON_MIN_PAIRS`` pairs, the
+    Wilcoxon signed-rank test (two-sided p-values).
+
+    Raises:
+        ValueError: an architecture has no runs.
+    """
+    for arch in (arch_a, arch_b):
+        if arch not in set(agg["arch"]):
+            raise ValueError(f"--compare: no runs for architecture {arch!r}; "
+                             f"present: {sorted(set(agg['arch']))}")
+    done = chosen_runs(runs, agg)
+    rows = []
+    for dataset in sorted(agg["dataset"].unique(), key=_dataset_rank):
+        mine = done[done["dataset"] == dataset]
+        for metric in metrics:
+            wide = mine.pivot_table(index="fold", columns="arch", values=metric, aggfunc="first")
+            if arch_a not in wide or arch_b not in wide:
+                continue
+            pairs = wide[[arch_a, arch_b]].dropna() * SCALE
+            rows.append({"dataset": dataset, "metric": metric,
+                         **paired_test(pairs[arch_a].to_numpy(), pairs[arch_b].to_numpy())})
+    data = pd.DataFrame(rows)
+    return _comparison_result_table(data, arch_a, arch_b)
+
+
+def paired_test(a: np.ndarray, b: np.ndarray) -> dict:
+    """Mean difference and paired tests for matched fold scores ``a`` and ``b``."""
+    from scipy import stats
+
+    diff = a - b
+    out = {"n_pairs": len(diff), "mean_a": np.mean(a) if len(a) else np.nan,
+           "mean_b": np.mean(b) if len(b) else np.nan,
+           "mean_diff": np.mean(diff) if len(diff) else np.nan,
+           "std_diff": np.std(diff, ddof=1) if len(diff) > 1 else np.nan,
+           "t": np.nan, "p_ttest": np.nan, "p_wilcoxon": np.nan}
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        if len(diff) > 1:
+            result = stats.ttest_rel(a, b)
+            out["t"], out["p_ttest"] = float(result.statistic), float(result.pvalue)
+        if len(diff) >= WILCOXON_MIN_PAIRS and np.any(diff != 0):
+            out["p_wilcoxon"] = float(stats.wilcoxon(a, b).pvalue)
+    out["verdict"] = _verdict(out)
+    return out
+
+
+def _verdict(result: dict) -> str:
+    if result["n_pairs"] < 2:
+        return "too few paired folds"
+    p = result["p_ttest"]
+    if pd.isna(p) or p >= ALPHA:
+        return "no significant difference"
+    return "A better" if result["mean_diff"] > 0 else "B better"
+
+
+def _comparison_result_table(data: pd.DataFrame, arch_a: str, arch_b: str) -> Table:
+    def p_text(p: float) -> str:
+        return NA if pd.isna(p) else f"{p:.4f}"
+
+    cells = pd.DataFrame({
+        "Dataset": [paper.dataset_display(d) for d in data.get("dataset", [])],
+        "Metric": [m.replace("test_", "").upper() for m in data.get("metric", [])],
+        "folds": [str(n) for n in data.get("n_pairs", [])],
+        f"A={arch_a}": [_fmt_num(v) for v in data.get("mean_a", [])],
+        f"B={arch_b}": [_fmt_num(v) for v in data.get("mean_b", [])],
+        "A-B": [fmt_mean_std(m, s) for m, s in zip(data.get("mean_diff", []),
+                                                     data.get("std_diff", []))],
+        "p (t-test)": [p_text(p) for p in data.get("p_ttest", [])],
+        "p (Wilcoxon)": [p_text(p) for p in data.get("p_wilcoxon", [])],
+        "verdict": list(data.get("verdict", [])),
+    })
+    marks = pd.DataFrame("", index=cells.index, columns=cells.columns)
+    if len(data):
+        marks.loc[data["verdict"].isin(["A better", "B better"]).to_numpy(), "verdict"] = "best"
+    notes = [f"paired over folds both architectures completed (chosen configurations); "
+             f"two-sided p; Wilcoxon needs >= {WILCOXON_MIN_PAIRS} pairs; alpha = {ALPHA}"]
+    title = f"Paired comparison {arch_a} (A) vs {arch_b} (B), test metrics (%)"
+    return Table(f"compare_{_slug(arch_a)}_vs_{_slug(arch_b)}", title, cells, marks, data,
+                 ["l", "l", "r", "r", "r", "r", "r", "r", "l"], notes)
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _flat_columns(cells: pd.DataFrame) -> list[str]:
+    if isinstance(cells.columns, pd.MultiIndex):
+        return [" ".join(p for p in col if p) for col in cells.columns]
+    return [str(c) for c in cells.columns]
+
+
+def to_markdown(table: Table) -> str:
+    """A GitHub-flavoured Markdown table with the title as a heading and notes below."""
+    header = _flat_columns(table.cells)
+    lines = [f"### {table.title}", "", "| " + " | ".join(header) + " |",
+             "| " + " | ".join("---:" if a == "r" else ":---:" if a == "c" else ":---"
+                               for a in table.align) + " |"]
+    for i in range(len(table.cells)):
+        row = []
+        for j in range(len(header)):
+            text, mark = str(table.cells.iat[i, j]), table.marks.iat[i, j]
+            row.append(f"**{text}**" if mark == "best" else f"_{text}_" if mark == "second" else text)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+    lines += [""] + [f"- {n}" for n in table.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}", "±": r"$\pm$", "Δ": r"$\Delta$",
+                  "✓": r"\checkmark", "×": r"$\times$", "—": "--"}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX specials and map the table symbols (± Δ ✓ × —) to math/text commands."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _latex_header(cells: pd.DataFrame) -> list[str]:
+    if not isinstance(cells.columns, pd.MultiIndex):
+        return [" & ".join(latex_escape(c) for c in cells.columns) + r" \\"]
+    groups, rules, start = [], [], 1
+    for name, size in _runs_of(cells.columns.get_level_values(0)):
+        groups.append(rf"\multicolumn{{{size}}}{{c}}{{{latex_escape(name)}}}" if name else
+                      " & ".join([""] * size))
+        if name:
+            rules.append(rf"\cmidrule(lr){{{start}-{start + size - 1}}}")
+        start += size
+    subs = " & ".join(latex_escape(c) for c in cells.columns.get_level_values(1))
+    return [" & ".join(groups) + r" \\", " ".join(rules), subs + r" \\"]
+
+
+def _runs_of(values: Iterable[str]) -> list[tuple[str, int]]:
+    runs: list[tuple[str, int]] = []
+    for value in values:
+        if runs and runs[-1][0] == value:
+            runs[-1] = (value, runs[-1][1] + 1)
+        else:
+            runs.append((value, 1))
+    return runs
+
+
+def to_latex(table: Table) -> str:
+    """A ``booktabs`` table (needs ``\\usepackage{booktabs}`` and ``amssymb`` for ✓)."""
+    body = []
+    for i in range(len(table.cells)):
+        row = []
+        for j in range(table.cells.shape[1]):
+            text, mark = latex_escape(table.cells.iat[i, j]), table.marks.iat[i, j]
+            row.append(rf"\textbf{{{text}}}" if mark == "best" else
+                       rf"\underline{{{text}}}" if mark == "second" else text)
+        body.append(" & ".join(row) + r" \\")
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(table.title)}}}",
+             rf"\label{{tab:{table.name}}}", rf"\begin{{tabular}}{{{''.join(table.align)}}}",
+             r"\toprule", *_latex_header(table.cells), r"\midrule", *body, r"\bottomrule",
+             r"\end{tabular}"]
+    if table.notes:
+        notes = "; ".join(latex_escape(n) for n in table.notes)
+        lines.append(rf"\par\smallskip{{\footnotesize {notes}}}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Figure
+
+
+def plot_results(agg: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
+    """Grouped bars of UAR/WAR per architecture, one panel per dataset.
+
+    Bars are the fold means with ±1 std error bars; dots are the individual folds; black ticks are
+    the paper's values where it reports them.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    datasets = sorted(agg["dataset"].unique(), key=_dataset_rank)
+    done = chosen_runs(runs, agg)
+    fig = Figure(figsize=(1.0 + 4.2 * max(len(datasets), 1), 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(len(datasets), 1), squeeze=False)[0]
+    for ax, dataset in zip(axes, datasets):
+        _plot_dataset(ax, agg[agg["dataset"] == dataset], done[done["dataset"] == dataset], dataset)
+    axes[0].set_ylabel("test score (%)")
+    axes[0].legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _plot_dataset(ax, group: pd.DataFrame, folds: pd.DataFrame, dataset: str) -> None:
+    group = group.set_index("arch").loc[sorted(group["arch"], key=_arch_rank)]
+    x = np.arange(len(group))
+    width = 0.38
+    for offset, metric, color, ref_index in ((-width / 2, "uar", "tab:blue", 0),
+                                             (width / 2, "war", "tab:orange", 1)):
+        ax.bar(x + offset, group[f"{metric}_mean"], width, yerr=group[f"{metric}_std"].fillna(0),
+               capsize=3, color=color, alpha=0.8, label=metric.upper())
+        for i, arch in enumerate(group.index):
+            scores = folds.loc[folds["arch"] == arch, f"test_{metric}"] * SCALE
+            ax.scatter(np.full(len(scores), i + offset), scores, s=8, color="black", zorder=3)
+            ref = _paper_value(dataset, arch, ref_index)
+            if ref is not None:
+                ax.hlines(ref, i + offset - width / 2, i + offset + width / 2, colors="black",
+                          linewidth=2, label="paper" if (i == 0 and metric == "uar") else None)
+    ax.set_xticks(x, labels=list(group.index), rotation=30, ha="right", fontsize=8)
+    ax.set_title(paper.dataset_display(dataset))
+    ax.set_ylim(0, 100)
+
+
+# --------------------------------------------------------------------------------------------
+# Export and artifact logging
+
+
+@dataclass
+class TableReport:
+    """What :func:`make_tables` produced."""
+
+    markdown: str
+    tables: list[Table]
+    aggregate: pd.DataFrame
+    runs: pd.DataFrame
+    files: list[Path]
+    parent_run_id: str | None
+
+
+def parse_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
+    """``"md,csv"`` / ``["latex"]`` / ``"all"`` -> a tuple of known formats.
+
+    Raises:
+        ValueError: an unknown format name.
+    """
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    chosen: list[str] = []
+    for item in (i.strip().lower() for i in items if i.strip()):
+        names = FORMATS if item == "all" else ("latex",) if item == "tex" else (item,)
+        for name in names:
+            if name not in FORMATS:
+                raise ValueError(f"--format: unknown format {item!r}; expected {FORMATS + ('all',)}")
+            if name not in chosen:
+                chosen.append(name)
+    return tuple(chosen)
+
+
+def write_exports(
+    tables: Sequence[Table],
+    agg: pd.DataFrame,
+    runs: pd.DataFrame,
+    export_dir: Path,
+    formats: Sequence[str],
+) -> list[Path]:
+    """Write each table as ``<name>.md`` / ``.csv`` / ``.tex``, plus ``results.png``,
+    ``aggregate.csv`` and ``runs.csv`` (with csv). Returns the written paths."""
+    export_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for table in tables:
+        outputs = {"md": (".md", to_markdown), "latex": (".tex", to_latex)}
+        for fmt, (suffix, render) in outputs.items():
+            if fmt in formats:
+                path = export_dir / f"{table.name}{suffix}"
+                path.write_text(render(table), encoding="utf-8")
+                written.append(path)
+        if "csv" in formats:
+            written.append(export_dir / f"{table.name}.csv")
+            table.data.to_csv(written[-1], index=False)
+    if "csv" in formats:
+        agg.to_csv(export_dir / "aggregate.csv", index=False)
+        runs.to_csv(export_dir / "runs.csv", index=False)
+        written += [export_dir / "aggregate.csv", export_dir / "runs.csv"]
+    if "png" in formats and len(agg):
+        written.append(plot_results(agg, runs, export_dir / "results.png"))
+    return written
+
+
+def find_parent_run(
+    tracking_uri: str, sweep: str, experiment: str | Sequence[str] | None = None
+) -> str | None:
+    """The sweep's parent run (tagged ``stage=sweep`` and ``sweep=<sweep>``), oldest first; None
+    when there is none."""
+    client = _open_store(tracking_uri)
+    experiments = _experiment_ids(client, experiment)
+    if not experiments:
+        return None
+    runs = _search_all(client, list(experiments), _stage_filter(STAGE_SWEEP, sweep))
+    if len(runs) > 1:
+        logger.warning("%d parent runs tagged sweep=%s; using the oldest", len(runs), sweep)
+    runs.sort(key=lambda r: (r.info.start_time, r.info.run_id))
+    return runs[0].info.run_id if runs else None
+
+
+def log_to_parent(tracking_uri: str, run_id: str, files: Sequence[Path]) -> None:
+    """Attach exported files to a run under ``tables/``."""
+    client = make_client(tracking_uri)
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
+
+
+def build_tables(
+    runs: pd.DataFrame, agg: pd.DataFrame, compare: tuple[str, str] | None = None
+) -> list[Table]:
+    """Table 1, Tables 2-4, per-class recall and (optionally) the paired comparison."""
+    tables = [table1(agg), *comparison_tables(agg, runs), *recall_tables(agg, runs)]
+    if compare is not None:
+        tables.append(compare_archs(runs, agg, *compare))
+    return tables
+
+
+def _single_sweep(runs: pd.DataFrame) -> str | None:
+    names = {s for s in runs.get("sweep", pd.Series([], dtype=object)).dropna() if s}
+    return names.pop() if len(names) == 1 else None
+
+
+def make_tables(
+    tracking_uri: str,
+    experiment: str | Sequence[str] | None = None,
+    sweep: str | None = None,
+    stage: str | None = "auto",
+    export_dir: Path | None = None,
+    formats: str | Sequence[str] = ("md",),
+    compare: tuple[str, str] | None = None,
+    n_folds: int | None = None,
+    log_artifacts: bool = True,
+) -> TableReport:
+    """Load runs, build every table, write the exports and log them to the sweep's parent run.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        experiment: experiment name(s); None = all.
+        sweep: restrict to one sweep; also names the parent run to attach files to (default: the
+            runs' only sweep, if they share one).
+        stage: see :func:`load_runs` (default ``auto``: cv runs if any, else every trial run).
+        export_dir: folder for the files; None writes nothing to disk except a temporary copy
+            for artifact logging.
+        formats: subset of ``md, csv, latex, png`` (or ``all``).
+        compare: two architectures for the paired comparison.
+        n_folds: expected folds per group (default: the runs' ``n_folds`` param, else 5).
+        log_artifacts: attach the files to the sweep's parent run when one exists.
+
+    Raises:
+        LookupError: no trial runs match.
+    """
+    runs = load_runs(tracking_uri, experiment, sweep, stage)
+    if runs.empty:
+        raise LookupError(
+            f"no trial runs in {tracking_uri} (experiment={experiment or 'all'}, "
+            f"sweep={sweep or 'any'}, stage={stage or 'any'})"
+        )
+    agg = aggregate(runs, n_folds)
+    tables = build_tables(runs, agg, compare)
+    header = (f"{len(runs)} runs, {agg['dataset'].nunique()} dataset(s), "
+              f"{agg['arch'].nunique()} architecture(s); sweep={sweep or _single_sweep(runs) or 'all'}")
+    markdown = "\n".join([f"_{header}_", ""] + [to_markdown(t) for t in tables])
+    parent = _parent_for(tracking_uri, experiment, sweep or _single_sweep(runs), log_artifacts)
+    files = _write_and_log(tracking_uri, tables, agg, runs, export_dir, parse_formats(formats), parent)
+    return TableReport(markdown, tables, agg, runs, files, parent)
+
+
+def _parent_for(tracking_uri: str, experiment, sweep: str | None, wanted: bool) -> str | None:
+    if not wanted or not sweep:
+        return None
+    parent = find_parent_run(tracking_uri, sweep, experiment)
+    if parent is None:
+        logger.info("no parent run tagged stage=sweep, sweep=%s: files are not logged to MLflow",
+                    sweep)
+    return parent
+
+
+def _write_and_log(tracking_uri, tables, agg, runs, export_dir, formats, parent) -> list[Path]:
+    if export_dir is not None:
+        files = write_exports(tables, agg, runs, Path(export_dir), formats)
+        if parent:
+            log_to_parent(tracking_uri, parent, files)
+        return files
+    if parent:
+        with tempfile.TemporaryDirectory(prefix="mtcae_tables_") as tmp:
+            log_to_parent(tracking_uri, parent, write_exports(tables, agg, runs, Path(tmp), formats))
+    return []
