@@ -22,6 +22,14 @@ from model.architectures import (
     ModelConfig,
     build_model,
 )
+from model.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    IncompatibleCheckpointError,
+    LoadReport,
+    checkpoint_filter_fn,
+    load_encoder_checkpoint,
+)
 from model.decoder import DECODER_PRESETS, DecoderConfig, MLPDecoder, ViTDecoder, decoder_config
 from model.encoder import (
     ENCODER_PRESETS,
@@ -37,6 +45,12 @@ from model.metrics import classification_metrics
 
 __all__ = [
     "ARCHITECTURES",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "IncompatibleCheckpointError",
+    "LoadReport",
+    "checkpoint_filter_fn",
+    "load_encoder_checkpoint",
     "ARCHITECTURE_SPECS",
     "DECODER_PRESETS",
     "ENCODER_PRESETS",
