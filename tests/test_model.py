@@ -199,3 +199,14 @@ def test_uar_ignores_classes_without_samples() -> None:
     assert np.isnan(m["per_class_recall"][3])
     with pytest.raises(ValueError, match="outside"):
         classification_metrics([0, 5], [0, 1], num_classes=4)
+
+
+def test_build_model_loads_encoder_checkpoint(tmp_path) -> None:
+    torch.manual_seed(1)
+    source = VideoMAEEncoder(encoder_config("tiny", img_size=S, num_frames=T))
+    path = tmp_path / "videomae_tiny.pth"
+    torch.save({"model": {f"encoder.{k}": v for k, v in source.state_dict().items()}}, path)
+    net = build_model("cascaded_vit", tiny_config(encoder_checkpoint=str(path)))
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(net.encoder.state_dict()[key], value)
+    assert all(not p.requires_grad for p in net.encoder.parameters())
