@@ -87,7 +87,7 @@ def _rows(values: tuple[tuple[float | None, float], ...]) -> tuple[LiteratureRow
         ("MNC [5]", False, True),
         ("MTL-ER [29]", False, True),
         ("MTFormer [27]", True, True),
-        ("MTCAE-DFER (ours)", True, True),
+        ("MTCAE-DFER (paper)", True, True),  # printed "MTCAE-DFER (ours)"
     )
     assert len(values) == len(methods)
     return tuple(

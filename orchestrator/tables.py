@@ -3,7 +3,8 @@
 Pipeline: :func:`load_runs` (MLflow -> one row per dataset/arch/configuration/fold) ->
 :func:`aggregate` (mean ± std over folds per dataset/arch, folds present vs expected) ->
 table builders (:func:`table1`, :func:`comparison_tables`, :func:`recall_tables`,
-:func:`compare_archs`) -> renderers (:func:`to_markdown`, :func:`to_latex`, CSV, :func:`plot_results`)
+:func:`compare_archs`) -> renderers (:func:`to_markdown`, :func:`to_latex`, CSV,
+:func:`plot_results`)
 -> :func:`make_tables` writes the files and logs them to the sweep's parent run.
 
 Conventions:
@@ -69,17 +70,26 @@ _KEY = ["dataset", "arch", "config_hash", "fold"]
 # Loading
 
 
+def _all_experiments(client) -> list:
+    experiments, token = [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        experiments.extend(page)
+        token = page.token
+        if not token:
+            return experiments
+
+
 def _experiment_ids(client, experiment: str | Sequence[str] | None) -> dict[str, str]:
     """Experiment id -> name for the requested names (all active experiments when None)."""
     if experiment is None:
-        found = client.search_experiments(max_results=None)
-        return {e.experiment_id: e.name for e in found}
+        return {e.experiment_id: e.name for e in _all_experiments(client)}
     names = [experiment] if isinstance(experiment, str) else list(experiment)
     out = {}
     for name in names:
         exp = client.get_experiment_by_name(name)
         if exp is None:
-            known = sorted(e.name for e in client.search_experiments(max_results=None))
+            known = sorted(e.name for e in _all_experiments(client))
             raise ValueError(f"MLflow experiment {name!r} not found; known: {known}")
         out[exp.experiment_id] = name
     return out
@@ -175,7 +185,9 @@ def load_runs(
             return frame
         logger.info("no runs tagged stage=cv; using every trial run (search stage included)")
         stage = None
-    runs = _search_all(client, list(experiments), _stage_filter(stage, sweep)) if experiments else []
+    runs = []
+    if experiments:
+        runs = _search_all(client, list(experiments), _stage_filter(stage, sweep))
     rows = [_run_row(r, experiments[r.info.experiment_id]) for r in runs]
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -242,7 +254,8 @@ def _summarise_config(group: pd.DataFrame, n_folds: int | None) -> dict:
         "select_score": done[SELECT_METRIC].mean() if SELECT_METRIC in done else np.nan,
     }
     for metric in ("uar", "war", "accuracy"):
-        values = done[f"test_{metric}"] * SCALE if f"test_{metric}" in done else pd.Series([], dtype=float)
+        column = f"test_{metric}"
+        values = done[column] * SCALE if column in done else pd.Series([], dtype=float)
         out[f"{metric}_mean"] = values.mean() if len(values) else np.nan
         out[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
     return out
@@ -369,8 +382,9 @@ def _notes_for_groups(agg: pd.DataFrame) -> list[str]:
             if getattr(row, col)
         ]
         if problems:
-            notes.append(f"{paper.dataset_display(row.dataset)} / {row.arch}: "
-                         f"{row.folds_done}/{row.folds_expected} folds done; " + "; ".join(problems))
+            done = f"{row.folds_done}/{row.folds_expected} folds done"
+            notes.append(f"{paper.dataset_display(row.dataset)} / {row.arch}: {done}; "
+                         + "; ".join(problems))
         if row.n_configs > 1:
             notes.append(f"{paper.dataset_display(row.dataset)} / {row.arch}: config "
                          f"{row.config_hash} chosen among {row.n_configs} by folds done, then mean "
@@ -442,8 +456,8 @@ def _table1_data(group: pd.DataFrame, dataset: str) -> pd.DataFrame:
             entry[f"{metric}_std"] = row[f"{metric}_std"]
             entry[f"{metric}_paper"] = np.nan if ref is None else ref
             entry[f"{metric}_delta"] = np.nan if ref is None else row[f"{metric}_mean"] - ref
-        for col in ("folds_done", "folds_expected", "folds_missing", "folds_failed", "folds_running"):
-            entry[col] = row[col]
+        for col in ("done", "expected", "missing", "failed", "running"):
+            entry[f"folds_{col}"] = row[f"folds_{col}"]
         rows.append(entry)
     return pd.DataFrame(rows)
 
@@ -622,8 +636,8 @@ def _comparison_result_table(data: pd.DataFrame, arch_a: str, arch_b: str) -> Ta
         "folds": [str(n) for n in data.get("n_pairs", [])],
         f"A={arch_a}": [_fmt_num(v) for v in data.get("mean_a", [])],
         f"B={arch_b}": [_fmt_num(v) for v in data.get("mean_b", [])],
-        "A-B": [fmt_mean_std(m, s) for m, s in zip(data.get("mean_diff", []),
-                                                     data.get("std_diff", []))],
+        "A-B": [_fmt_num(m, signed=True) + ("" if pd.isna(s) else f" ± {s:.2f}")
+                for m, s in zip(data.get("mean_diff", []), data.get("std_diff", []))],
         "p (t-test)": [p_text(p) for p in data.get("p_ttest", [])],
         "p (Wilcoxon)": [p_text(p) for p in data.get("p_wilcoxon", [])],
         "verdict": list(data.get("verdict", [])),
@@ -662,7 +676,8 @@ def to_markdown(table: Table) -> str:
         row = []
         for j in range(len(header)):
             text, mark = str(table.cells.iat[i, j]), table.marks.iat[i, j]
-            row.append(f"**{text}**" if mark == "best" else f"_{text}_" if mark == "second" else text)
+            styled = {"best": f"**{text}**", "second": f"_{text}_"}.get(mark, text)
+            row.append(styled)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
     lines += [""] + [f"- {n}" for n in table.notes]
     return "\n".join(lines).rstrip() + "\n"
@@ -731,8 +746,8 @@ def to_latex(table: Table) -> str:
 def plot_results(agg: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
     """Grouped bars of UAR/WAR per architecture, one panel per dataset.
 
-    Bars are the fold means with ±1 std error bars; dots are the individual folds; black ticks are
-    the paper's values where it reports them.
+    Bars are the fold means with ±1 std error bars; dots are the individual folds; ticks are
+    the paper's values where it reports them (red).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -745,7 +760,7 @@ def plot_results(agg: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
     for ax, dataset in zip(axes, datasets):
         _plot_dataset(ax, agg[agg["dataset"] == dataset], done[done["dataset"] == dataset], dataset)
     axes[0].set_ylabel("test score (%)")
-    axes[0].legend(loc="lower right", fontsize=7)
+    axes[0].legend(loc="upper left", ncols=3, fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -765,11 +780,11 @@ def _plot_dataset(ax, group: pd.DataFrame, folds: pd.DataFrame, dataset: str) ->
             ax.scatter(np.full(len(scores), i + offset), scores, s=8, color="black", zorder=3)
             ref = _paper_value(dataset, arch, ref_index)
             if ref is not None:
-                ax.hlines(ref, i + offset - width / 2, i + offset + width / 2, colors="black",
+                ax.hlines(ref, i + offset - width / 2, i + offset + width / 2, colors="crimson",
                           linewidth=2, label="paper" if (i == 0 and metric == "uar") else None)
     ax.set_xticks(x, labels=list(group.index), rotation=30, ha="right", fontsize=8)
     ax.set_title(paper.dataset_display(dataset))
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 110)
 
 
 # --------------------------------------------------------------------------------------------
@@ -800,7 +815,8 @@ def parse_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
         names = FORMATS if item == "all" else ("latex",) if item == "tex" else (item,)
         for name in names:
             if name not in FORMATS:
-                raise ValueError(f"--format: unknown format {item!r}; expected {FORMATS + ('all',)}")
+                known = ", ".join((*FORMATS, "all"))
+                raise ValueError(f"--format: unknown format {item!r}; expected one of {known}")
             if name not in chosen:
                 chosen.append(name)
     return tuple(chosen)
@@ -911,11 +927,13 @@ def make_tables(
         )
     agg = aggregate(runs, n_folds)
     tables = build_tables(runs, agg, compare)
+    sweep_name = sweep or _single_sweep(runs)
     header = (f"{len(runs)} runs, {agg['dataset'].nunique()} dataset(s), "
-              f"{agg['arch'].nunique()} architecture(s); sweep={sweep or _single_sweep(runs) or 'all'}")
+              f"{agg['arch'].nunique()} architecture(s); sweep={sweep_name or 'all'}")
     markdown = "\n".join([f"_{header}_", ""] + [to_markdown(t) for t in tables])
-    parent = _parent_for(tracking_uri, experiment, sweep or _single_sweep(runs), log_artifacts)
-    files = _write_and_log(tracking_uri, tables, agg, runs, export_dir, parse_formats(formats), parent)
+    parent = _parent_for(tracking_uri, experiment, sweep_name, log_artifacts)
+    chosen = parse_formats(formats)
+    files = _write_and_log(tracking_uri, tables, agg, runs, export_dir, chosen, parent)
     return TableReport(markdown, tables, agg, runs, files, parent)
 
 
@@ -937,5 +955,6 @@ def _write_and_log(tracking_uri, tables, agg, runs, export_dir, formats, parent)
         return files
     if parent:
         with tempfile.TemporaryDirectory(prefix="mtcae_tables_") as tmp:
-            log_to_parent(tracking_uri, parent, write_exports(tables, agg, runs, Path(tmp), formats))
+            written = write_exports(tables, agg, runs, Path(tmp), formats)
+            log_to_parent(tracking_uri, parent, written)
     return []

@@ -9,9 +9,10 @@ Store layout of the embedded default (no server needed)::
     <out_dir>/mlflow.db          # SQLite backend (runs, params, metrics, tags)
     <out_dir>/mlartifacts/<exp>/ # artifacts: confusion_matrix.png, per_class_recall.csv, ...
 
-Browse it with ``mlflow ui --backend-store-uri sqlite:///<out_dir>/mlflow.db``. On a cluster, run one
-``mlflow server`` on the head and pass its URL (``--tracking-uri`` or ``MLFLOW_TRACKING_URI``): direct
-SQLite from many processes costs ~0.7 s of store init per process and is unsafe across nodes.
+Browse it with ``mlflow ui --backend-store-uri sqlite:///<out_dir>/mlflow.db``. On a cluster, run
+one ``mlflow server`` on the head and pass its URL (``--tracking-uri`` or ``MLFLOW_TRACKING_URI``):
+direct SQLite from many processes costs ~0.7 s of store init per process and is unsafe across
+nodes.
 
 Idempotency contract (a resumed or re-run trial never duplicates anything):
 
@@ -165,8 +166,9 @@ def ensure_experiment(client_or_uri: Any, name: str, artifact_location: str | No
     Args:
         client_or_uri: an ``MlflowClient`` or a tracking URI.
         name: experiment name.
-        artifact_location: where runs store artifacts; defaults to ``<db folder>/mlartifacts/<name>``
-            on a SQLite store and to the server's artifact root otherwise.
+        artifact_location: where runs store artifacts; defaults to
+            ``<db folder>/mlartifacts/<name>`` on a SQLite store and to the server's artifact
+            root otherwise.
     """
     from mlflow.entities import LifecycleStage
     from mlflow.exceptions import MlflowException
@@ -216,7 +218,8 @@ def get_or_create_run(
     Args:
         tracking_uri: MLflow tracking URI.
         experiment_id: from :func:`ensure_experiment`.
-        key: stable identity of the trial (e.g. ``"<sweep>/<dataset>/<arch>/<config_hash>/f<fold>"``).
+        key: stable identity of the trial, e.g.
+            ``"<sweep>/<stage>/<dataset>/<arch>/<config_hash>/f<fold>"``.
         run_name: display name in the MLflow UI.
         tags: tags set on creation (values are stringified).
         parent_run_id: nest the run under this run (MLflow's ``mlflow.parentRunId`` tag).
@@ -348,8 +351,9 @@ class TrialLogger:
         ]
         if len(batch) < sum(v is not None for v in metrics.values()):
             logger.debug("run %s: step %d already logged for some keys; skipped", self.run_id, step)
-        for start in range(0, len(batch), _MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self.run_id, metrics=batch[start : start + _MAX_METRICS_PER_BATCH])
+        step_size = _MAX_METRICS_PER_BATCH
+        for start in range(0, len(batch), step_size):
+            self._client.log_batch(self.run_id, metrics=batch[start : start + step_size])
         for metric in batch:
             self._last_step[metric.key] = int(step)
         return len(batch)
