@@ -170,7 +170,8 @@ def load_runs(
         Columns ``run_id, run_name, experiment, status, dataset, arch, fold (Int64), sweep, stage,
         config_hash, trial_key, parent_run_id, start_time, end_time``, one column per metric
         (``test_uar``, ``test_recall_<class>`` ...) and ``param.<name>`` per param. Sweep parent
-        runs (``stage=sweep``) and runs without ``dataset``/``arch`` tags are left out. When one
+        runs (``stage=sweep``, or any run without a ``fold`` tag, such as per-group parents) and
+        runs without ``dataset``/``arch`` tags are left out. When one
         fold was logged twice, the finished run with test metrics (then the newest) is kept.
 
     Raises:
@@ -192,13 +193,13 @@ def load_runs(
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=["run_id", "status", "stage", *_KEY])
-    frame = frame[frame["stage"] != STAGE_SWEEP]
+    frame["fold"] = pd.to_numeric(frame["fold"], errors="coerce").astype("Int64")
+    # Parent runs (the sweep's, stage=sweep; per-group ones) carry no fold: they are not trials.
+    frame = frame[(frame["stage"] != STAGE_SWEEP) & frame["fold"].notna()]
     unlabeled = (frame["dataset"] == "") | (frame["arch"] == "")
     if unlabeled.any():
         logger.warning("ignoring %d run(s) without dataset/arch tags", int(unlabeled.sum()))
-    frame = frame[~unlabeled].copy()
-    frame["fold"] = pd.to_numeric(frame["fold"], errors="coerce").astype("Int64")
-    return _deduplicate(frame).reset_index(drop=True)
+    return _deduplicate(frame[~unlabeled].copy()).reset_index(drop=True)
 
 
 def _deduplicate(frame: pd.DataFrame) -> pd.DataFrame:

@@ -60,6 +60,11 @@ def store(tmp_path_factory) -> dict:
     uri = default_tracking_uri(out)
     exp = ensure_experiment(uri, EXPERIMENT)
     parent = get_or_create_run(uri, exp, f"sweep/{SWEEP}", SWEEP, {"stage": "sweep", "sweep": SWEEP})
+    # A per-group parent run as the sweep driver makes them: dataset/arch tags but no fold.
+    group = get_or_create_run(uri, exp, f"group/{SWEEP}/ravdess/stl", "ravdess-stl",
+                              {"stage": "group", "sweep": SWEEP, "dataset": "ravdess", "arch": "stl"},
+                              parent_run_id=parent)
+    MlflowClient(uri).log_metric(group, "test_uar", 0.99)
     for dataset, table, n_folds in (("ravdess", RAVDESS_UAR, 5), ("demo", DEMO_UAR, 2)):
         for arch, values in table.items():
             for fold, uar in enumerate(values):
@@ -219,8 +224,11 @@ def test_search_stage_selects_config_by_validation_not_test(store):
     row = _group(agg, "ravdess", "stl")
     assert (row["config_hash"], row["n_configs"]) == ("hi", 2)
     assert row["uar_mean"] == pytest.approx(60.0)
-    assert len(tables.load_runs(store["uri"], EXPERIMENT, stage="auto")) == len(
-        tables.load_runs(store["uri"], EXPERIMENT, stage="cv"))
+    cv = tables.load_runs(store["uri"], EXPERIMENT, stage="cv")
+    assert len(tables.load_runs(store["uri"], EXPERIMENT, stage="auto")) == len(cv)
+    every = tables.load_runs(store["uri"], EXPERIMENT, stage=None)  # group/sweep parents left out
+    assert len(every) == len(cv) + len(runs) and every["fold"].notna().all()
+    assert set(every["stage"]) == {"cv", "search"}
 
 
 def _latex_body(tex: str) -> list[str]:
