@@ -16,8 +16,8 @@ Conventions:
   failed folds (``FAILED``/``KILLED``/finished without test metrics) and running folds are listed
   next to every mean: they are never silently averaged away.
 * When a (dataset, arch) group holds several configurations (``config_hash``), the one with the
-  most done folds, then the best mean ``val_uar`` (the runs' last logged value), is reported: the
-  choice never looks at test metrics.
+  most done folds, then the best mean ``best_val_uar`` (validation UAR at the best epoch; the last
+  ``val_uar`` for runs without it), is reported: the choice never looks at test metrics.
 * Datasets without a paper reference (e.g. ``demo``) show ``n/a`` in the paper columns.
 """
 
@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 SCALE = 100.0  # fractions -> percent
 DEFAULT_N_FOLDS = 5  # paper: 5-fold cross-validation; used when runs carry no n_folds param
-SELECT_METRIC = "val_uar"
+# Configuration choice: validation UAR at the best epoch (the trainable logs it), else the last one.
+SELECT_METRICS = ("best_val_uar", "val_uar")
 WILCOXON_MIN_PAIRS = 5  # below this the signed-rank test is not reported
 ALPHA = 0.05
 FORMATS = ("md", "csv", "latex", "png")
@@ -252,7 +253,7 @@ def _summarise_config(group: pd.DataFrame, n_folds: int | None) -> dict:
         "folds_missing": _folds_text(set(range(expected)) - present),
         "folds_failed": _folds_text(group.loc[state == _FAILED, "fold"].dropna()),
         "folds_running": _folds_text(group.loc[state == _RUNNING, "fold"].dropna()),
-        "select_score": done[SELECT_METRIC].mean() if SELECT_METRIC in done else np.nan,
+        "select_score": _selection_score(done),
     }
     for metric in ("uar", "war", "accuracy"):
         column = f"test_{metric}"
@@ -289,6 +290,14 @@ def aggregate(runs: pd.DataFrame, n_folds: int | None = None) -> pd.DataFrame:
     agg = pd.DataFrame(rows)
     agg["complete"] = agg["folds_done"] >= agg["folds_expected"]
     return _sort_groups(agg).drop(columns="select_score")
+
+
+def _selection_score(done: pd.DataFrame) -> float:
+    """Mean validation score of a configuration's done folds (never a test metric)."""
+    for metric in SELECT_METRICS:
+        if metric in done and done[metric].notna().any():
+            return float(done[metric].mean())
+    return np.nan
 
 
 def _selection_key(summary: dict) -> tuple[int, float]:
@@ -360,10 +369,14 @@ def _fmt_num(value: float | None, signed: bool = False, missing: str = NA) -> st
 
 
 def rank_marks(values: pd.Series, second: bool = False) -> pd.Series:
-    """``best`` on the maximum of ``values`` (ties included), ``second`` on the runner-up."""
+    """``best`` on the maximum of ``values`` (ties included), ``second`` on the runner-up.
+
+    Nothing is marked when there are no values, or when several values all tie.
+    """
     marks = pd.Series("", index=values.index, dtype=object)
     numeric = pd.to_numeric(values, errors="coerce")
-    if numeric.notna().sum() == 0:
+    present = numeric.dropna()
+    if present.empty or (len(present) > 1 and present.nunique() == 1):
         return marks
     top = numeric.max()
     marks[numeric == top] = "best"
@@ -389,7 +402,7 @@ def _notes_for_groups(agg: pd.DataFrame) -> list[str]:
         if row.n_configs > 1:
             notes.append(f"{paper.dataset_display(row.dataset)} / {row.arch}: config "
                          f"{row.config_hash} chosen among {row.n_configs} by folds done, then mean "
-                         f"{SELECT_METRIC}")
+                         f"{'/'.join(SELECT_METRICS)}")
     return notes
 
 
@@ -609,7 +622,7 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> dict:
            "t": np.nan, "p_ttest": np.nan, "p_wilcoxon": np.nan}
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        if len(diff) > 1:
+        if len(diff) > 1 and np.ptp(diff) > 0:  # constant differences leave t undefined
             result = stats.ttest_rel(a, b)
             out["t"], out["p_ttest"] = float(result.statistic), float(result.pvalue)
         if len(diff) >= WILCOXON_MIN_PAIRS and np.any(diff != 0):
@@ -621,6 +634,8 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> dict:
 def _verdict(result: dict) -> str:
     if result["n_pairs"] < 2:
         return "too few paired folds"
+    if result["std_diff"] == 0:
+        return "identical difference on every fold (no test)"
     p = result["p_ttest"]
     if pd.isna(p) or p >= ALPHA:
         return "no significant difference"

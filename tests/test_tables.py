@@ -314,3 +314,30 @@ def test_cli_table_help_lists_options(capsys):
 
 def test_latex_escape():
     assert tables.latex_escape("a_b & 50% ± Δ") == r"a\_b \& 50\% $\pm$ $\Delta$"
+
+
+def test_selection_prefers_best_val_uar_over_last_val_uar():
+    rows = []
+    for config, best_val, last_val, test in (("a", 0.9, 0.1, 0.5), ("b", 0.2, 0.8, 0.9)):
+        for fold in range(2):
+            rows.append({"dataset": "demo", "arch": "stl", "config_hash": config, "fold": fold,
+                         "status": "FINISHED", "best_val_uar": best_val, "val_uar": last_val,
+                         "test_uar": test, "test_war": test, "test_accuracy": test})
+    row = tables.aggregate(pd.DataFrame(rows), n_folds=2).iloc[0]
+    assert (row["config_hash"], row["n_configs"], row["uar_mean"]) == ("a", 2, 50.0)
+
+
+def test_paired_test_degenerate_cases():
+    constant = tables.paired_test(np.array([70.0, 80.0]), np.array([60.0, 70.0]))
+    assert np.isnan(constant["p_ttest"]) and constant["verdict"].startswith("identical difference")
+    single = tables.paired_test(np.array([70.0]), np.array([60.0]))
+    assert single["verdict"] == "too few paired folds" and np.isnan(single["std_diff"])
+    noisy = tables.paired_test(np.array([70.0, 71.0, 69.0]), np.array([70.5, 70.0, 69.5]))
+    assert noisy["verdict"] == "no significant difference" and np.isnan(noisy["p_wilcoxon"])
+
+
+def test_rank_marks_ties_and_runner_up():
+    marks = tables.rank_marks(pd.Series([1.0, 3.0, np.nan, 3.0, 2.0]), second=True)
+    assert marks.tolist() == ["", "best", "", "best", "second"]
+    assert tables.rank_marks(pd.Series([5.0, 5.0])).tolist() == ["", ""]
+    assert tables.rank_marks(pd.Series([5.0])).tolist() == ["best"]
