@@ -127,6 +127,173 @@ def _run_table(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAIN_EPILOG = """\
+one fold of one configuration, without Ray (for debugging a configuration):
+  the latest checkpoint is kept in <out>/checkpoints/<run name>/state.pt (--resume continues it);
+  metrics go to MLflow (default: the embedded store sqlite:///<out>/mlflow.db).
+
+examples:
+  mtcae train --cache cache/demo --arch cascaded_vit --fold 0 --epochs 5 --set encoder=tiny
+  mtcae train --cache cache/ravdess --arch shared_vit --fold 2 --set lr=3e-4 --set decoder=official
+"""
+
+
+@subcommand
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """``mtcae train``: one trial (one fold) without Ray."""
+    p = sub.add_parser(
+        "train",
+        help="train and test one architecture on one fold (no Ray)",
+        description="Run one trial of the training loop on a preprocessing cache: train, validate "
+        "every epoch, test with the best validation epoch's weights, log to MLflow.",
+        epilog=_TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--cache", type=Path, required=True, help="preprocessing cache (mtcae preprocess --out)")
+    p.add_argument("--arch", default="cascaded_vit", help="architecture (default: %(default)s)")
+    p.add_argument("--fold", type=int, default=0, help="test fold index (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="epoch budget (default: 100, the paper's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="any other trial config key (repeatable), e.g. --set lr=3e-4 --set encoder=tiny")
+    p.add_argument("--out", type=Path, default=Path("mtcae_runs"),
+                   help="output folder: embedded MLflow store and checkpoints (default: %(default)s)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from orchestrator.trainable import train_one_fold
+
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"mtcae train: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        overrides[key.strip()] = value.strip()
+    try:
+        final = train_one_fold(args.cache, args.arch, args.fold, epochs=args.epochs, overrides=overrides,
+                               out=args.out, tracking_uri=args.tracking_uri, resume=args.resume,
+                               progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mtcae train: {err}", file=sys.stderr)
+        return 2
+    print(f"best epoch {final['best_epoch']:.0f}: val_uar {final['best_val_uar']:.4f}  "
+          f"test_uar {final['test_uar']:.4f}  test_war {final['test_war']:.4f}")
+    return 0
+
+
+_SWEEP_EPILOG = """\
+stages:
+  search  per (dataset, arch) group: one Optuna study, each sampled configuration trained on the
+          search folds, scored by its mean validation metric (skipped when nothing is searched)
+  cv      the grid dataset x arch x fold with each group's chosen configuration, same budget per fold
+resuming: re-run the same command, or `mtcae sweep --resume NAME`; finished stages and trials are
+  not re-run, failed trials restart from their last checkpoint, MLflow runs are reused.
+everything goes under --out (default ./mtcae_runs): cache/, ray_results/, sweeps/<name>/, mlflow.db,
+  tables/<name>/.
+
+examples:
+  mtcae sweep smoke --data-root data                 # shipped search_spaces/smoke.yaml
+  mtcae sweep search_spaces/paper.yaml --cache /mnt/efs/cache --storage s3://bucket/ray_results \\
+      --tracking-uri http://127.0.0.1:5000 --gpus-per-trial 1      # on the cluster head (ray job submit)
+  mtcae sweep --resume paper
+"""
+
+
+@subcommand
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    """``mtcae sweep``: a Ray Tune + Optuna sweep over a search space file."""
+    p = sub.add_parser(
+        "sweep",
+        help="run (or resume) a sweep: per-group Optuna search, then the final cross-validation",
+        description="Run a search space (search_spaces/*.yaml) on Ray Tune: per (dataset, arch) "
+        "Optuna search, then the dataset x arch x fold cross-validation, logged to MLflow.",
+        epilog=_SWEEP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("space", nargs="?", default=None,
+                   help="search space YAML, or the name of a shipped one (smoke, paper, official, "
+                   "loss_weights, decoder_shape)")
+    p.add_argument("--out", type=Path, default=Path("mtcae_runs"),
+                   help="output folder for everything below (default: %(default)s)")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="raw videos, one folder per dataset; missing caches are built from them")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="root of the per-dataset preprocessing caches (default: <out>/cache)")
+    p.add_argument("--storage", default=None, metavar="PATH_OR_URI",
+                   help="Tune storage: local/NFS path or s3://bucket/prefix (default: <out>/ray_results)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the sweep name)")
+    p.add_argument("--name", default=None, help="sweep name (default: the space file's stem)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="NAME",
+                   help="continue an existing sweep (SPACE may then be omitted)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="override the space's resources.gpu (e.g. 1, or 0.5 to pack two small trials)")
+    p.add_argument("--stage", choices=["all", "search", "cv"], default="all",
+                   help="run only one stage (default: %(default)s)")
+    p.add_argument("--no-tables", action="store_true", help="do not write the result tables at the end")
+    p.set_defaults(handler=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.search_space import SearchSpaceError
+    from orchestrator.sweep import SweepError, run_sweep
+
+    name = args.resume if isinstance(args.resume, str) else args.name
+    stages = ("search", "cv") if args.stage == "all" else (args.stage,)
+    try:
+        result = run_sweep(
+            args.space, out=args.out, name=name, resume=bool(args.resume), storage=args.storage,
+            cache=args.cache, data_root=args.data_root, tracking_uri=args.tracking_uri,
+            experiment=args.experiment, address=args.address, num_cpus=args.num_cpus,
+            gpus_per_trial=args.gpus_per_trial, stages=stages, write_tables=not args.no_tables,
+        )
+    except (SearchSpaceError, SweepError) as err:
+        print(f"mtcae sweep: {err}", file=sys.stderr)
+        return 2
+    if result.tables_markdown:
+        print(result.tables_markdown)
+    print(result.summary())
+    return 0 if result.complete or args.stage == "search" else 1
+
+
+@subcommand
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """``mtcae demo``: the embedded default, end to end on one machine."""
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on synthetic data, locally, in a few minutes",
+        description="Generate the synthetic demo dataset, preprocess it, run search_spaces/smoke.yaml "
+        "on a local Ray instance, log to the local MLflow store and print the table.",
+    )
+    p.add_argument("--out", type=Path, default=Path("mtcae_runs"),
+                   help="output folder (default: %(default)s)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for Ray (default: all)")
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import SweepError, run_demo
+
+    try:
+        result = run_demo(args.out, num_cpus=args.num_cpus)
+    except SweepError as err:
+        print(f"mtcae demo: {err}", file=sys.stderr)
+        return 2
+    if result.tables_markdown:
+        print(result.tables_markdown)
+    print(result.summary())
+    return 0 if result.complete else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mtcae`` console script."""
     args = build_parser().parse_args(argv)

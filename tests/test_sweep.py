@@ -1,0 +1,341 @@
+"""Sweeps with a real local Ray (num_cpus=2), a real MLflow SQLite store and a fake trainable.
+
+The fake trainable, :func:`fake_trial`, follows the trainable's contract (docs/design.md): it takes
+the flat trial config (unknown keys are an error), reports ``val_*`` metrics and ``epoch`` every epoch
+with a checkpoint, resumes from ``tune.get_checkpoint()``, logs its own MLflow run through
+``orchestrator.tracking`` and reports ``test_uar``/``test_war`` at the end. It talks to the tests
+through files in its ``cache_dir`` (the sweep gives every trial ``<cache root>/<dataset>``):
+``calls.jsonl`` records every start, ``crash.json`` makes chosen trials raise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+FAKE_KEYS = frozenset({
+    "dataset", "arch", "fold", "n_folds", "seed", "cache_dir", "encoder", "encoder_checkpoint",
+    "freeze_encoder", "use_pos_embed", "decoder", "decoder_depth", "decoder_heads", "decoder_dim",
+    "decoder_head_dim", "decoder_mlp_ratio", "decoder_dropout", "head_dropout", "w_box", "w_landmark",
+    "w_expr", "lr", "weight_decay", "batch_size", "epochs", "early_stop_patience", "lr_patience",
+    "lr_factor", "precision", "feature_cache", "num_workers", "sweep", "stage", "tracking_uri",
+    "experiment", "parent_run_id", "trial_key",
+})
+EPOCHS = 3
+
+SPACE = """\
+datasets: [demo]
+archs: [stl, cascaded_vit]
+n_folds: 2
+fixed: {encoder: tiny, epochs: %d, batch_size: 4}
+search:
+  num_samples: 2
+  folds: [0, 1]
+  max_concurrent: 2
+  params:
+    lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
+    w_expr: {type: uniform, low: 1.0, high: 2.0, when: {arch: [cascaded_vit]}}
+resources: {cpu: 1, gpu: auto}
+failure: {max_failures: 1}
+""" % EPOCHS
+
+
+def fake_val_uar(config: dict, epoch: int) -> float:
+    """A deterministic validation UAR that prefers lr near 1e-3 and improves with epochs."""
+    arch_bonus = 0.1 if config["arch"] == "cascaded_vit" else 0.0
+    return 0.5 + arch_bonus - 0.1 * abs(math.log10(config["lr"]) + 3) + 0.02 * epoch + 0.01 * config["fold"]
+
+
+def fake_trial(config: dict) -> None:
+    """Fake trainable following the real trainable's reporting, checkpoint and MLflow contract."""
+    from ray import tune
+
+    from orchestrator.tracking import TrialLogger
+
+    unknown = set(config) - FAKE_KEYS
+    if unknown:
+        raise ValueError(f"unknown trial config keys {sorted(unknown)}")
+    config = {"lr": 1e-3, "w_expr": 1.5, **config}
+    channel = Path(config["cache_dir"])
+    start = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = json.loads((Path(directory) / "state.json").read_text())["epoch"] + 1
+    _append(channel / "calls.jsonl", {"trial_key": config["trial_key"], "start": start,
+                                      "stage": config["stage"], "pid": os.getpid()})
+    tags = {k: config[k] for k in ("dataset", "arch", "fold", "sweep", "stage")}
+    tags["config_hash"] = config["trial_key"].rsplit("/", 2)[1]
+    params = {k: v for k, v in config.items() if k not in ("tracking_uri", "experiment", "parent_run_id")}
+    tracker = TrialLogger(config["tracking_uri"], config["experiment"], config["trial_key"],
+                          f"{config['dataset']}-{config['arch']}-f{config['fold']}", tags, params,
+                          parent_run_id=config["parent_run_id"])
+    for epoch in range(start, config["epochs"]):
+        _maybe_crash(channel, config, epoch)
+        uar = fake_val_uar(config, epoch)
+        metrics = {"epoch": epoch, "val_uar": uar, "val_war": uar + 0.05, "val_accuracy": uar + 0.05,
+                   "val_loss_expr": 1.0 - uar, "val_loss": 1.0 - uar}
+        tracker.log_epoch({k: v for k, v in metrics.items() if k != "epoch"}, epoch)
+        if epoch == config["epochs"] - 1:
+            metrics.update(test_uar=uar - 0.1, test_war=uar - 0.05)
+            tracker.log_metrics({"test_uar": uar - 0.1, "test_war": uar - 0.05}, 0)
+        with tempfile.TemporaryDirectory() as directory:
+            (Path(directory) / "state.json").write_text(json.dumps({"epoch": epoch}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    tracker.finish()
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _maybe_crash(channel: Path, config: dict, epoch: int) -> None:
+    """Raise when ``crash.json`` selects this trial at this epoch (``once``: only the first time)."""
+    rule_file = channel / "crash.json"
+    if not rule_file.is_file():
+        return
+    rule = json.loads(rule_file.read_text())
+    selected = all(config[k] == rule[k] for k in ("stage", "arch", "fold")) and epoch == rule["epoch"]
+    marker = channel / f"crashed-{config['stage']}-{config['arch']}-{config['fold']}"
+    if selected and not (rule["once"] and marker.exists()):
+        marker.touch()
+        raise RuntimeError(f"injected crash at epoch {epoch}")
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance (2 CPUs) for the whole module; workers can import this module."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    path = os.pathsep.join([str(TESTS_DIR), str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield
+    ray.shutdown()
+
+
+def _setup(root: Path, crash: dict | None = None) -> tuple[Path, Path]:
+    space_file = root / "fake.yaml"
+    space_file.write_text(SPACE)
+    channel = root / "out" / "cache" / "demo"
+    channel.mkdir(parents=True)
+    (channel / "manifest.csv").write_text("clip,clip_id,status\n")
+    if crash:
+        (channel / "crash.json").write_text(json.dumps(crash))
+    return space_file, channel
+
+
+def _sweep(space_file: Path, root: Path, **kwargs):
+    from orchestrator.sweep import run_sweep
+
+    kwargs.setdefault("progress_interval_s", 1.0)
+    return run_sweep(space_file, out=root / "out", trainable=fake_trial, write_tables=False, **kwargs)
+
+
+def _calls(channel: Path) -> list[dict]:
+    return [json.loads(line) for line in (channel / "calls.jsonl").read_text().splitlines()]
+
+
+def _runs(result):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(result.tracking_uri)
+    return client, client.search_runs([result.experiment_id], max_results=1000)
+
+
+def _by_stage(runs) -> dict[str, list]:
+    stages: dict[str, list] = {}
+    for run in runs:
+        stages.setdefault(run.data.tags.get("stage"), []).append(run)
+    return stages
+
+
+def _assert_no_duplicate_steps(client, runs) -> None:
+    for run in runs:
+        for key in ("val_uar", "val_loss"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert sorted(steps) == list(range(EPOCHS)), (run.data.tags["trial_key"], key, steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_local, tmp_path_factory):
+    """A full sweep: 2 archs x 2 folds x 2 sampled configs; final-CV trial (stl, fold 1) crashes
+    once at epoch 1 and must be retried from its checkpoint."""
+    root = tmp_path_factory.mktemp("smoke")
+    crash = {"stage": "cv", "arch": "stl", "fold": 1, "epoch": 1, "once": True}
+    space_file, channel = _setup(root, crash)
+    return _sweep(space_file, root), channel, root
+
+
+@pytest.mark.slow
+def test_smoke_sweep_completes_with_the_right_mlflow_runs(smoke) -> None:
+    result, channel, _ = smoke
+    assert result.complete
+    client, runs = _runs(result)
+    stages = _by_stage(runs)
+    assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8, "cv": 4}
+    sweep_run = stages["sweep"][0]
+    assert sweep_run.info.run_id == result.sweep_run_id and sweep_run.info.status == "FINISHED"
+    assert sweep_run.data.tags["sweep"] == "fake"
+    groups = {r.data.tags["arch"]: r for r in stages["group"]}
+    for group in groups.values():
+        assert group.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
+        assert group.info.status == "FINISHED"
+        assert "cv_test_uar_mean" in group.data.metrics
+    for run in stages["search"] + stages["cv"]:
+        tags = run.data.tags
+        assert tags["sweep"] == "fake" and tags["dataset"] == "demo"
+        assert tags["mlflow.parentRunId"] == groups[tags["arch"]].info.run_id
+        assert tags["trial_key"].startswith(f"fake/{tags['stage']}/demo/{tags['arch']}/")
+        assert tags["trial_key"].endswith(f"/f{tags['fold']}")
+        assert run.info.status == "FINISHED"
+    cv_cells = sorted((r.data.tags["arch"], r.data.tags["fold"]) for r in stages["cv"])
+    assert cv_cells == [("cascaded_vit", "0"), ("cascaded_vit", "1"), ("stl", "0"), ("stl", "1")]
+    search_runs = [(r.data.tags["arch"], r.data.tags["fold"], r.data.params["lr"]) for r in stages["search"]]
+    assert len(set(search_runs)) == 8  # 2 archs x 2 configs x 2 folds, each a distinct run
+    _assert_no_duplicate_steps(client, stages["search"] + stages["cv"])
+    assert len(_calls(channel)) == 8 + 4 + 1  # one retry
+
+
+@pytest.mark.slow
+def test_each_group_chooses_its_best_mean_configuration(smoke) -> None:
+    import optuna
+
+    result, _, root = smoke
+    storage = f"sqlite:///{root / 'out' / 'sweeps' / 'fake' / 'optuna.db'}"
+    chosen_lrs = []
+    for arch in ("stl", "cascaded_vit"):
+        study = optuna.load_study(study_name=f"demo__{arch}", storage=storage)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(complete) == 2
+        for trial in complete:  # the objective: mean over both folds of the best val_uar
+            cfg = {"arch": arch, **trial.params}
+            expected = sum(fake_val_uar({**cfg, "fold": f}, EPOCHS - 1) for f in (0, 1)) / 2
+            assert trial.value == pytest.approx(expected)
+        chosen = result.chosen[f"demo__{arch}"]
+        assert chosen["params"] == study.best_trial.params
+        assert chosen["score"] == pytest.approx(study.best_value)
+        assert ("w_expr" in chosen["params"]) == (arch == "cascaded_vit")
+        chosen_lrs.append(chosen["params"]["lr"])
+    assert chosen_lrs[0] != chosen_lrs[1]  # per-group seeds: the groups do not replay each other
+    client, runs = _runs(result)
+    for run in _by_stage(runs)["cv"]:
+        assert float(run.data.params["lr"]) == pytest.approx(result.chosen[f"demo__{run.data.tags['arch']}"]["params"]["lr"])
+
+
+@pytest.mark.slow
+def test_crashed_trial_is_retried_from_its_checkpoint(smoke) -> None:
+    result, channel, _ = smoke
+    key = next(r["trial_key"] for r in _calls(channel) if r["stage"] == "cv" and "/stl/" in r["trial_key"]
+               and r["trial_key"].endswith("/f1"))
+    starts = [r["start"] for r in _calls(channel) if r["trial_key"] == key]
+    assert starts == [0, 1]  # crashed in epoch 1, restarted after the epoch-0 checkpoint
+    row = next(r for r in result.cv_rows if r["arch"] == "stl" and r["fold"] == 1)
+    assert row["status"] == "done" and row["epoch"] == EPOCHS - 1
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(ray_local, tmp_path: Path) -> None:
+    # Final-CV trial (cascaded_vit, fold 0) fails at epoch 2 on every attempt: the sweep stops
+    # incomplete, like a sweep interrupted there.
+    crash = {"stage": "cv", "arch": "cascaded_vit", "fold": 0, "epoch": 2, "once": False}
+    space_file, channel = _setup(tmp_path, crash)
+
+    first = _sweep(space_file, tmp_path, stages=["search"])
+    assert not first.complete and len(first.chosen) == 2
+    assert len(_calls(channel)) == 8
+
+    second = _sweep(space_file, tmp_path)
+    assert not second.complete
+    assert [r["status"] for r in second.cv_rows].count("failed") == 1
+    calls = _calls(channel)
+    assert all(c["stage"] == "cv" for c in calls[8:])  # the finished search was not re-run
+    state = json.loads((tmp_path / "out" / "sweeps" / "fake" / "state.json").read_text())
+    assert state["cv_done"] is False
+
+    (channel / "crash.json").unlink()
+    third = _sweep(space_file, tmp_path, resume=True)
+    assert third.complete and third.chosen == second.chosen
+    resumed = _calls(channel)[len(calls):]
+    assert len(resumed) == 1 and resumed[0]["start"] == 2  # only the failed trial, from its checkpoint
+    client, runs = _runs(third)
+    stages = _by_stage(runs)
+    assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8, "cv": 4}
+    keys = [r.data.tags["trial_key"] for r in runs]
+    assert len(keys) == len(set(keys))
+    _assert_no_duplicate_steps(client, stages["search"] + stages["cv"])
+
+    fourth = _sweep(space_file, tmp_path)  # everything finished: nothing runs again
+    assert fourth.complete and len(_calls(channel)) == len(calls) + 1
+    assert len(_runs(fourth)[1]) == len(runs)
+
+
+@pytest.mark.slow
+def test_changed_space_under_the_same_name_is_refused(ray_local, tmp_path: Path) -> None:
+    from orchestrator.sweep import SweepError, run_sweep
+
+    space_file, _ = _setup(tmp_path)
+    sweep_dir = tmp_path / "out" / "sweeps" / "fake"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "state.json").write_text(json.dumps({"space_hash": "something-else"}))
+    with pytest.raises(SweepError, match="different search space"):
+        run_sweep(space_file, out=tmp_path / "out", trainable=fake_trial)
+
+
+def test_resume_of_an_unknown_sweep_is_refused(tmp_path: Path) -> None:
+    from orchestrator.sweep import SweepError, run_sweep
+
+    with pytest.raises(SweepError, match="no sweep named 'nope'"):
+        run_sweep(None, out=tmp_path, name="nope", resume=True)
+
+
+def test_missing_cache_is_reported_before_anything_runs(tmp_path: Path) -> None:
+    from orchestrator.sweep import SweepError, run_sweep
+
+    space_file = tmp_path / "fake.yaml"
+    space_file.write_text(SPACE)
+    with pytest.raises(SweepError, match=r"no preprocessing cache for dataset 'demo'.*--data-root"):
+        run_sweep(space_file, out=tmp_path / "out", trainable=fake_trial)
+
+
+def test_trial_config_holds_only_trainable_keys(tmp_path: Path) -> None:
+    from orchestrator.search_space import load_search_space
+    from orchestrator.sweep import CellContext
+
+    space_file = tmp_path / "fake.yaml"
+    space_file.write_text(SPACE)
+    space = load_search_space(space_file)
+    context = CellContext(trainable=fake_trial, stage="cv", sweep="s", n_folds=2, cache_root="/c",
+                          fixed=space.fixed, chosen={"demo__stl": {"lr": 0.002}},
+                          tracking_uri="sqlite:////x.db", experiment="e",
+                          group_runs={"demo__stl": "run1"})
+    flat = context.trial_config({"dataset": "demo", "arch": "stl", "fold": 1})
+    assert set(flat) <= FAKE_KEYS
+    assert flat["lr"] == 0.002 and flat["cache_dir"] == "/c/demo" and flat["parent_run_id"] == "run1"
+    assert flat["trial_key"].startswith("s/cv/demo/stl/") and flat["trial_key"].endswith("/f1")
+    other = context.trial_config({"dataset": "demo", "arch": "stl", "fold": 0})
+    assert other["trial_key"].rsplit("/", 1)[0] == flat["trial_key"].rsplit("/", 1)[0]
+
+
+def test_group_seeds_differ_and_are_stable() -> None:
+    from orchestrator.sweep import group_seed
+
+    seeds = {group_seed(0, d, a) for d in ("ravdess", "mead") for a in ("stl", "cascaded_vit")}
+    assert len(seeds) == 4 and group_seed(0, "mead", "stl") == group_seed(0, "mead", "stl")
+    assert group_seed(1, "mead", "stl") != group_seed(0, "mead", "stl")
