@@ -65,6 +65,7 @@ _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAM_VALUE_LENGTH = 6000
 _INIT_LOCK_SUFFIX = ".init.lock"
+_RUNS_LOCK_SUFFIX = ".runs.lock"
 _SQLITE_PREFIX = "sqlite:///"
 
 
@@ -111,11 +112,12 @@ def sqlite_path(tracking_uri: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def _init_lock(tracking_uri: str) -> Iterator[None]:
-    """Serialise SQLite store creation across processes.
+def _sqlite_lock(tracking_uri: str, suffix: str = _INIT_LOCK_SUFFIX) -> Iterator[None]:
+    """Serialise a critical section across the processes sharing one SQLite store.
 
     MLflow creates and migrates a fresh SQLite database on first open; two processes doing that at
     once fail with "table experiments already exists". A file lock next to the database orders them.
+    No-op for other backends.
     """
     db = sqlite_path(tracking_uri)
     if db is None:
@@ -124,7 +126,7 @@ def _init_lock(tracking_uri: str) -> Iterator[None]:
     import fcntl
 
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + _INIT_LOCK_SUFFIX), "a") as handle:
+    with open(db.with_name(db.name + suffix), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -136,7 +138,7 @@ def make_client(tracking_uri: str):
     """An :class:`mlflow.MlflowClient` whose store is opened (and, for SQLite, created) safely."""
     from mlflow import MlflowClient
 
-    with _init_lock(tracking_uri):
+    with _sqlite_lock(tracking_uri):
         return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -211,9 +213,11 @@ def get_or_create_run(
 ) -> str:
     """Return the id of the run tagged ``trial_key=key``, creating it if there is none.
 
-    Used for trial runs and for the sweep driver's parent runs alike. After creating a run it
-    searches again; if a concurrent caller created one for the same key, the oldest run wins and
-    the newer one is deleted, so both callers end up with the same id.
+    Used for trial runs and for the sweep driver's parent runs alike. On a SQLite store the
+    search-then-create step holds a file lock, so concurrent callers always share one run. On a
+    server it searches again after creating: if a concurrent caller created a run for the same key,
+    the oldest wins and the newer is deleted (best effort: two callers that each finish before
+    seeing the other's run keep two runs; running the same trial twice at once is a sweep bug).
 
     Args:
         tracking_uri: MLflow tracking URI.
@@ -230,14 +234,15 @@ def get_or_create_run(
     if not key or "'" in key or '"' in key:
         raise ValueError(f"trial_key must be non-empty and free of quotes, got {key!r}")
     client = make_client(tracking_uri)
-    existing = _find_runs_by_key(client, experiment_id, key)
-    if existing:
-        return existing[0].info.run_id
     all_tags = {str(k): str(v) for k, v in tags.items()}
     all_tags[TAG_TRIAL_KEY] = key
     if parent_run_id:
         all_tags[PARENT_RUN_TAG] = parent_run_id
-    run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    with _sqlite_lock(tracking_uri, _RUNS_LOCK_SUFFIX):
+        existing = _find_runs_by_key(client, experiment_id, key)
+        if existing:
+            return existing[0].info.run_id
+        run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
     winner = _find_runs_by_key(client, experiment_id, key)[0].info.run_id
     if winner != run.info.run_id:
         logger.info("run for trial_key %r created concurrently; using %s", key, winner)
