@@ -294,6 +294,36 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0 if result.complete else 1
 
 
+@subcommand
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """``mtcae bench``: the benchmark suite (same as ``python -m benchmarks``)."""
+    p = sub.add_parser(
+        "bench",
+        help="run the benchmarks (each a ratio against a baseline) and write benchmarks/report.md",
+        description="Run every benchmark under benchmarks/ against its baseline measured in the same "
+        "run and write report.json + report.md. --quick fits a 2-core CPU in under 10 minutes; the "
+        "full run is for a GPU machine.",
+    )
+    p.add_argument("--quick", action="store_true", help="few-minute settings for a 2-core CPU")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="run only these benchmarks (preprocess, encoder, decoder_step, trial, sweep)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for report.json and report.md (default: the benchmarks package)")
+    p.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from benchmarks import DEFAULT_OUT, run_all, summary_lines
+
+    try:
+        report = run_all(quick=args.quick, only=args.only, out_dir=args.out or DEFAULT_OUT)
+    except ValueError as err:
+        print(f"mtcae bench: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(report)))
+    return 1 if any(r.get("error") for r in report["results"]) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mtcae`` console script."""
     args = build_parser().parse_args(argv)

@@ -1,0 +1,371 @@
+"""Shared benchmark machinery: machine facts, timing, matmul peak, peak memory, result records, reports.
+
+A benchmark returns a list of result dicts. Every result carries ``name``, ``ratio`` (this system over
+its baseline measured in the same run, higher is better), ``target`` and ``passed``; the rest are raw
+numbers (seconds, clips/s, bytes, FLOP/s) so a reader can recompute every ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Result = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Machine and versions
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    match = re.search(r"^model name\s*:\s*(.+)$", text, flags=re.MULTILINE)
+    return match.group(1).strip() if match else platform.processor() or "unknown"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, threads, accelerator, load and versions."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": str(device),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "timm": _version("timm"),
+            "numpy": _version("numpy"),
+            "mtcae": _version("mtcae"),
+        },
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_bytes"] = props.total_memory
+        info["versions"]["cuda"] = torch.version.cuda
+    return info
+
+
+def default_device() -> torch.device:
+    """CUDA when available (the full run is for a GPU machine), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work so wall-clock timing is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one call of ``fn``, device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]], device: torch.device, rounds: int
+) -> dict[str, list[float]]:
+    """Time several functions alternately (A, B, A, B, ...), ``rounds`` calls each.
+
+    Alternating means a burst of load from a neighbour hits both sides instead of one, so ratios of
+    the per-function minimum stay meaningful on a shared machine.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_call(fn, device))
+    return times
+
+
+def summarize_times(times: list[float]) -> dict[str, Any]:
+    """Best (used for ratios: the least disturbed run) and median seconds, plus all samples."""
+    ordered = sorted(times)
+    return {"best_s": ordered[0], "median_s": ordered[len(ordered) // 2], "samples_s": times}
+
+
+# --------------------------------------------------------------------------------------------------
+# Dense matmul peak
+
+
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5
+) -> dict[str, Any]:
+    """Best achieved FLOP/s of a square ``size`` x ``size`` matmul: the machine's practical dense peak.
+
+    On CPU, 2048 is large enough for MKL/oneDNN to reach its plateau (1024 is ~15% lower on a
+    2-core EPYC); on GPUs a larger size is passed in.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    torch.mm(a, b)
+    times = [time_call(lambda: torch.mm(a, b), device) for _ in range(repeats)]
+    best = min(times)
+    flops = 2 * size**3
+    return {"dtype": str(dtype).removeprefix("torch."), "size": size, "flop_per_s": flops / best,
+            "best_s": best}
+
+
+# Every peak measured in this process, by (device, dtype). Benchmarks measure next to their own
+# timings and divide by the best seen so far: on a shared machine a disturbed measurement can only
+# make the peak look lower, never higher, so the maximum is the honest (strictest) denominator.
+_PEAKS: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None) -> float:
+    """Measure the dense matmul peak now, record it, and return the best FLOP/s recorded so far.
+
+    Args:
+        device: Where.
+        dtype: Matmul dtype (the peak a step is compared with has the step's dtype).
+        size: Square matrix size; default 2048 on CPU, 8192 on GPU (tests pass a small one).
+    """
+    size = size or (2048 if device.type == "cpu" else 8192)
+    sample = matmul_peak(device, dtype, size=size)
+    samples = _PEAKS.setdefault((device.type, sample["dtype"]), [])
+    samples.append(sample)
+    return max(s["flop_per_s"] for s in samples)
+
+
+def recorded_peaks() -> list[dict[str, Any]]:
+    """The best peak per (device, dtype) measured in this process, with how many samples it took."""
+    return [{"device": dev, "dtype": dtype, "flop_per_s": max(s["flop_per_s"] for s in samples),
+             "samples": len(samples)} for (dev, dtype), samples in sorted(_PEAKS.items())]
+
+
+# --------------------------------------------------------------------------------------------------
+# Peak memory
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, flags=re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def _reset_rss_high_water_mark() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux ``clear_refs`` value 5); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class PeakMemory:
+    """Peak memory a block of code adds over what was live when it started.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (the caching allocator's view). CPU: the process's
+    resident-set high-water mark (``VmHWM``), reset before the block, when Linux allows it; else a
+    sampling thread polls ``VmRSS`` every few milliseconds (may miss very short peaks). RSS counts
+    everything the step touches (oneDNN/MKL scratch too), not only PyTorch tensors.
+
+    Attributes:
+        peak_bytes: Peak over the starting level, set when the block exits; None if unmeasurable.
+        method: How it was measured.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes: int | None = None
+        self.method = "none"
+        self._start = 0
+        self._sampled = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start, self.method = torch.cuda.memory_allocated(self.device), "cuda_max_memory_allocated"
+            return self
+        rss = _status_kib("VmRSS")
+        if rss is None:
+            return self
+        self._start = rss * 1024
+        if _reset_rss_high_water_mark():
+            self.method = "rss_high_water_mark"
+        else:
+            self.method = "rss_sampling"
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._sampled = max(self._sampled, (_status_kib("VmRSS") or 0) * 1024)
+            self._stop.wait(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.method == "cuda_max_memory_allocated":
+            synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        elif self.method == "rss_high_water_mark":
+            self.peak_bytes = (_status_kib("VmHWM") or 0) * 1024 - self._start
+        elif self.method == "rss_sampling" and self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = self._sampled - self._start
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+def make_result(name: str, ratio: float, target: float, **raw: Any) -> Result:
+    """One result record; ``passed`` is ``ratio >= target``."""
+    return {"name": name, "ratio": float(ratio), "target": float(target), "passed": bool(ratio >= target), **raw}
+
+
+def error_result(name: str, exc: BaseException) -> Result:
+    """The record of a benchmark that raised: it fails, and the report says why."""
+    return {"name": name, "ratio": None, "target": None, "passed": False,
+            "error": f"{type(exc).__name__}: {exc}"}
+
+
+def normalize_result(result: Mapping[str, Any], source: str) -> Result:
+    """Check a result from any benchmark module and fill in ``passed``.
+
+    Raises:
+        ValueError: A required key is missing or ``ratio``/``target`` is not a finite number.
+    """
+    missing = {"name", "ratio", "target"} - set(result)
+    if missing:
+        raise ValueError(f"benchmark {source!r} returned a result without {sorted(missing)}: {dict(result)}")
+    out = dict(result)
+    for key in ("ratio", "target"):
+        value = out[key]
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"benchmark {source!r} result {out['name']!r}: {key} must be a finite number, got {value!r}")
+        out[key] = float(value)
+    out.setdefault("passed", out["ratio"] >= out["target"])
+    out.setdefault("source", source)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+
+
+def write_report(report: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    json_path.write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """A human-readable report: machine, settings, the results table, then each result's raw numbers."""
+    machine, results = report["machine"], report["results"]
+    lines = [
+        "# mtcae benchmark report",
+        "",
+        f"Generated by `{report['command']}` on {report['started']} in {report['duration_s']:.0f} s "
+        f"(mode: {'quick' if report['quick'] else 'full'}).",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine['cpu']} ({machine['cpu_count']} logical CPUs, torch threads "
+        f"{machine['torch_threads']}, capability {machine['cpu_capability']})",
+        f"- Device: {machine['device']}" + (f" ({machine['gpu']})" if machine.get("gpu") else ""),
+        f"- Load average at start: {machine['load_average']}; at end: {report.get('load_average_end')}",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
+        f"- Dense matmul peak (measured in this run): " + ", ".join(
+            f"{p['dtype']} {p['flop_per_s'] / 1e9:.1f} GFLOP/s" for p in report.get("matmul_peak", [])),
+        "",
+        "## Results",
+        "",
+        "Ratio = this system over its baseline measured in the same run (higher is better).",
+        "",
+        "| benchmark | ratio | target | passed | note |",
+        "|---|---:|---:|:---:|---|",
+    ]
+    for r in results:
+        note = r.get("error") or r.get("summary", "")
+        lines.append(f"| {r['name']} | {_fmt(r['ratio'])} | {_fmt(r['target'])} | {_fmt(r['passed'])} | {note} |")
+    lines += ["", "## Details", ""]
+    for r in results:
+        lines.append(f"### {r['name']}")
+        lines.append("")
+        for key, value in r.items():
+            if key in ("name", "ratio", "target", "passed", "summary"):
+                continue
+            lines.append(f"- {key}: {_fmt_nested(value)}")
+        lines.append("")
+    if report.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _fmt_nested(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_fmt_nested(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_fmt_nested(v) for v in value) + "]"
+    return _fmt(value)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set ``torch.set_num_threads`` (None leaves it alone)."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,384 @@
+"""Decoder training step: cascaded ViT decoders + heads on encoder tokens, against an eager baseline.
+
+One step = forward of ``MTCAEModel.forward_tokens`` on cached encoder tokens (B, N, C), the
+multi-task loss, backward, and an AdamW update of every trainable parameter (the shared projection,
+three decoders, three heads). That is what a feature-cache trial runs per batch.
+
+Baseline: the same weights run by :func:`baseline_forward_tokens`, a straightforward eager float32
+implementation (explicit ``softmax(Q K^T / sqrt(d)) V`` attention, probability dropout with
+``F.dropout``), with the textbook per-parameter ``AdamW(foreach=False)``.
+
+System: the real model (``F.scaled_dot_product_attention``, see ``model/decoder.py``) with a fused
+AdamW, in float32 on CPU (optionally bf16 autocast, reported against the bf16 matmul peak).
+
+Analytic FLOPs of one step (:func:`step_flops`): backward costs twice the forward for every trained
+matmul (input grad + weight grad), except the shared projection whose input, the frozen encoder's
+tokens, needs no gradient: step = 3 x forward(decoders + heads) + 2 x forward(projection).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.common import (
+    PeakMemory,
+    Result,
+    default_device,
+    make_result,
+    matmul_peak_flops,
+    summarize_times,
+    time_interleaved,
+)
+from model import ModelConfig, MTCAEModel, MTCAEOutput, MultiTaskLoss, build_model, decoder_config
+from model.decoder import DecoderConfig, ViTDecoder
+from model.encoder import EncoderConfig
+from model.heads import TaskHead
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16"]
+
+# Issue 7 targets: the step against the eager fp32 baseline (CPU fp32; CUDA with bf16), and the
+# achieved fraction of the same machine's dense matmul FLOP/s (CPU, batch 16).
+TARGET_SPEEDUP = {"cpu": 1.75, "cuda": 3.0}
+TARGET_FRACTION_OF_PEAK = 0.75
+
+
+@dataclass(frozen=True)
+class StepSetting:
+    """One decoder-step configuration.
+
+    Attributes:
+        decoder: Decoder preset (``official`` | ``paper``) or a config.
+        batch_size: Clips per step (16 in the paper and the released code).
+        attn_drop: Attention-probability dropout; None keeps the preset's (0.3 for both presets).
+        precision: ``fp32`` or ``bf16`` (autocast) for the system side; the baseline is always fp32.
+        encoder_dim: Encoder token width C (1024 for VideoMAE ViT-L).
+        num_frames: Clip length T; with ``img_size`` it fixes N = T/2 * (S/16)^2 (1568).
+        img_size: Frame size S.
+        num_classes: Expression classes K.
+        rounds: Timed steps per side (alternated).
+    """
+
+    decoder: str | DecoderConfig = "official"
+    batch_size: int = 16
+    attn_drop: float | None = None
+    precision: Precision = "fp32"
+    encoder_dim: int = 1024
+    num_frames: int = 16
+    img_size: int = 224
+    num_classes: int = 7
+    rounds: int = 2
+
+    @property
+    def label(self) -> str:
+        """Short name used in result names."""
+        name = self.decoder if isinstance(self.decoder, str) else "custom"
+        parts = [name, f"b{self.batch_size}", self.precision]
+        if self.attn_drop is not None:
+            parts.append(f"attn_drop{self.attn_drop:g}")
+        return "/".join(parts)
+
+    def decoder_cfg(self) -> DecoderConfig:
+        """The decoder config with the attention-dropout override applied."""
+        return decoder_config(self.decoder, attn_drop=self.attn_drop)
+
+    def model_config(self) -> ModelConfig:
+        """A cascaded model whose encoder has no blocks: only its width and token count matter here."""
+        enc = EncoderConfig(embed_dim=self.encoder_dim, depth=0, num_heads=1, num_frames=self.num_frames,
+                            img_size=self.img_size)
+        return ModelConfig(encoder=enc, decoder=self.decoder_cfg(), num_frames=self.num_frames,
+                           img_size=self.img_size, num_classes=self.num_classes)
+
+
+# --------------------------------------------------------------------------------------------------
+# The straightforward baseline
+
+
+def _eager_attention(block_attn: nn.Module, cfg: DecoderConfig, x: torch.Tensor, context: torch.Tensor,
+                     training: bool) -> torch.Tensor:
+    """Textbook cross-attention on ``block_attn``'s weights; materialises the (B, h, N, Nk) matrix."""
+    B, N, _ = x.shape
+    h = cfg.num_heads
+    d = cfg.inner_dim // h
+    q = F.linear(x, block_attn.q.weight, block_attn.q.bias).view(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
+    kv = F.linear(context, block_attn.kv.weight, block_attn.kv.bias)  # (B, Nk, 2 h d)
+    k, v = kv.view(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, Nk, d)
+    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(d)  # (B, h, N, Nk)
+    probs = F.dropout(torch.softmax(scores, dim=-1), cfg.attn_drop, training)
+    z = torch.matmul(probs, v).transpose(1, 2).reshape(B, N, h * d)  # (B, N, h d)
+    return F.linear(z, block_attn.proj.weight, block_attn.proj.bias)
+
+
+def _eager_decoder(dec: ViTDecoder, cfg: DecoderConfig, y: torch.Tensor, kv: torch.Tensor,
+                   training: bool) -> torch.Tensor:
+    """Algorithm 1 written out with functional ops on ``dec``'s weights."""
+    kv = F.layer_norm(kv, (cfg.embed_dim,), dec.kv_norm.weight, dec.kv_norm.bias, cfg.norm_eps)
+    for blk in dec.blocks:
+        a = F.layer_norm(y, (cfg.embed_dim,), blk.norm1.weight, blk.norm1.bias, cfg.norm_eps)
+        z = y + _eager_attention(blk.attn, cfg, a, kv, training)
+        m = F.layer_norm(z, (cfg.embed_dim,), blk.norm2.weight, blk.norm2.bias, cfg.norm_eps)
+        m = F.dropout(F.gelu(F.linear(m, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), cfg.drop_rate, training)
+        m = F.linear(m, blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+        m = F.dropout(F.gelu(m) if cfg.mlp_out_act else m, cfg.drop_rate, training)
+        y = z + m
+    return y
+
+
+def _eager_head(head: TaskHead, y: torch.Tensor, training: bool) -> torch.Tensor:
+    dim = (y.shape[-1],)
+    if head.order == "norm_pool":
+        pooled = F.layer_norm(y, dim, head.norm.weight, head.norm.bias, head.norm.eps).mean(dim=1)
+    else:
+        pooled = F.layer_norm(y.mean(dim=1), dim, head.norm.weight, head.norm.bias, head.norm.eps)
+    return F.linear(F.dropout(pooled, head.drop.p, training), head.fc.weight, head.fc.bias)
+
+
+def baseline_forward_tokens(model: MTCAEModel, tokens: torch.Tensor) -> MTCAEOutput:
+    """``model.forward_tokens`` for ViT-decoder architectures, written the straightforward eager way.
+
+    Reads ``model``'s weights by their state-dict names, so it computes the same function as the
+    real model (bit-for-bit up to float rounding in eval mode) with none of its kernel choices.
+
+    Raises:
+        ValueError: ``model`` has no ViT decoders (the baseline covers the attention path only).
+    """
+    if model.arch.decoder_kind != "vit":
+        raise ValueError(f"the decoder-step baseline needs a ViT-decoder architecture, got {model.arch.name!r}")
+    cfg, training = model.cfg.decoder_cfg(), model.training
+    B = tokens.shape[0]
+    proj = F.linear(F.dropout(tokens, cfg.input_dropout, training), model.proj.weight)  # (B, N, D)
+    feats = {"tokens": tokens, "proj": proj}
+    for name, source in model.arch.stages:
+        feats[name] = _eager_decoder(model.decoders[name], cfg, feats[source], proj, training)
+    out = {task: _eager_head(model.heads[task], feats[src], training) for task, src in model.arch.heads}
+    T = model.cfg.num_frames
+    return MTCAEOutput(logits=out["expr"], boxes=out["box"].view(B, T, 4),
+                       landmarks=out["landmark"].view(B, T, 5, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs and memory estimates
+
+
+def step_flops(model: MTCAEModel, num_tokens: int, batch_size: int) -> int:
+    """Analytic FLOPs of one training step (matmuls and attention; 2 FLOPs per multiply-add).
+
+    ``model.decoder_flops`` is the forward per clip: the shared projection ``2 N C D``, per decoder
+    layer ``Q: 2 N D I``, ``K/V: 2 N D 2I``, ``QK^T and PV: 2 x 2 N N I``, ``out: 2 N I D``,
+    ``MLP: 2 x 2 N D H`` (I = heads x head width, H = MLP width), and the heads. Backward: twice the
+    forward (grad of inputs + grad of weights), except for the projection whose input is the frozen
+    encoder's output (weight grad only). The optimizer's element-wise work is not counted.
+    """
+    enc = model.encoder.cfg
+    proj = 2 * num_tokens * enc.embed_dim * model.cfg.decoder_cfg().embed_dim
+    forward = model.decoder_flops(num_tokens)
+    return batch_size * (3 * (forward - proj) + 2 * proj)
+
+
+def attention_matrix_bytes(setting: StepSetting, num_tokens: int) -> int:
+    """Bytes of one layer's full fp32 attention matrix for the batch: B x h x N x N x 4."""
+    return setting.batch_size * setting.decoder_cfg().num_heads * num_tokens**2 * 4
+
+
+def estimated_baseline_bytes(setting: StepSetting, num_tokens: int) -> int:
+    """Rough peak of the eager baseline: per layer it keeps the softmax output, and with dropout the
+    float keep-mask and the dropped probabilities too, for backward (3 decoders x depth layers),
+    plus the batch of encoder tokens."""
+    cfg = setting.decoder_cfg()
+    per_layer = attention_matrix_bytes(setting, num_tokens) * (3 if cfg.attn_drop > 0 else 1)
+    tokens = setting.batch_size * num_tokens * setting.encoder_dim * 4
+    return 3 * cfg.depth * per_layer + tokens
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory on the device: ``MemAvailable`` on CPU (Linux), free CUDA memory on GPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The step
+
+
+def _fake_batch(setting: StepSetting, num_tokens: int, device: torch.device, gen: torch.Generator
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    B, T = setting.batch_size, setting.num_frames
+    tokens = torch.randn(B, num_tokens, setting.encoder_dim, generator=gen)
+    batch = {
+        "label": torch.randint(0, setting.num_classes, (B,), generator=gen),
+        "boxes": torch.rand(B, T, 4, generator=gen),
+        "landmarks": torch.rand(B, T, 5, 2, generator=gen),
+        "valid": torch.ones(B, T, dtype=torch.bool),
+    }
+    return tokens.to(device), {k: v.to(device) for k, v in batch.items()}
+
+
+def _adamw(params: list[nn.Parameter], device: torch.device, fast: bool) -> torch.optim.Optimizer:
+    """The released code's optimiser (AdamW, lr 1e-3, weight decay 1e-3); fused kernel for the system."""
+    kwargs: dict[str, Any] = {"lr": 1e-3, "weight_decay": 1e-3}
+    if fast:
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = False
+    return torch.optim.AdamW(params, **kwargs)
+
+
+class StepRunner:
+    """A model, its optimizer and a fixed batch; ``step()`` runs one training step.
+
+    Args:
+        model: The model (its trainable parameters are optimised).
+        forward: ``tokens -> MTCAEOutput``, the real ``forward_tokens`` or the eager baseline.
+        tokens: Encoder tokens (B, N, C).
+        batch: Loss targets.
+        fast_optimizer: Fused AdamW (system) or the per-parameter loop (baseline).
+        autocast_dtype: Run forward and loss under CPU/CUDA autocast with this dtype (None: off).
+    """
+
+    def __init__(self, model: MTCAEModel, forward: Any, tokens: torch.Tensor, batch: dict[str, torch.Tensor],
+                 fast_optimizer: bool, autocast_dtype: torch.dtype | None = None) -> None:
+        self.model, self.forward, self.tokens, self.batch = model.train(), forward, tokens, batch
+        self.optimizer = _adamw(model.trainable_parameters(), tokens.device, fast_optimizer)
+        self.autocast_dtype = autocast_dtype
+        self.loss_fn = MultiTaskLoss()
+        self.last_loss = float("nan")
+
+    def step(self) -> None:
+        """Forward, loss, backward, AdamW update."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.tokens.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            loss = self.loss_fn(self.forward(self.tokens), self.batch)["loss"]
+        loss.backward()
+        self.optimizer.step()
+        self.last_loss = float(loss.detach())
+
+
+def build_runners(setting: StepSetting, device: torch.device, seed: int = 0
+                  ) -> tuple[StepRunner, StepRunner, MTCAEModel, int]:
+    """System and baseline runners on identical initial weights and the same batch.
+
+    Returns:
+        ``(system, baseline, model, num_tokens)``.
+    """
+    torch.manual_seed(seed)
+    model = build_model("cascaded_vit", setting.model_config()).to(device)
+    twin = copy.deepcopy(model)
+    num_tokens = model.encoder.cfg.num_tokens
+    tokens, batch = _fake_batch(setting, num_tokens, device, torch.Generator().manual_seed(seed))
+    autocast = torch.bfloat16 if setting.precision == "bf16" else None
+    system = StepRunner(model, model.forward_tokens, tokens, batch, fast_optimizer=True, autocast_dtype=autocast)
+    baseline = StepRunner(twin, lambda x: baseline_forward_tokens(twin, x), tokens, batch, fast_optimizer=False)
+    return system, baseline, model, num_tokens
+
+
+def _measure_side(runner: StepRunner, device: torch.device) -> int | None:
+    """One (warm-up) step under the peak-memory probe; returns the step's peak bytes."""
+    with PeakMemory(device) as mem:
+        runner.step()
+    return mem.peak_bytes
+
+
+def run_setting(setting: StepSetting, device: torch.device, peak_size: int | None = None) -> list[Result]:
+    """Measure one setting: speed ratio vs the baseline and fraction of the matmul peak.
+
+    Returns:
+        Two results: ``decoder_step/<label>`` (speed-up) and ``decoder_step/<label>/fraction_of_peak``.
+
+    Raises:
+        MemoryError: The eager baseline's attention matrices would not fit in free memory.
+    """
+    num_tokens = setting.model_config().encoder_cfg().num_tokens
+    need, free = estimated_baseline_bytes(setting, num_tokens), available_memory_bytes(device)
+    if free is not None and need > 0.8 * free:
+        raise MemoryError(f"the eager baseline of {setting.label} would need ~{need / 2**30:.1f} GiB, "
+                          f"{free / 2**30:.1f} GiB available; run it on a bigger machine")
+    system, baseline, model, num_tokens = build_runners(setting, device)
+    peak_dtype = torch.bfloat16 if setting.precision == "bf16" else torch.float32
+    peak = matmul_peak_flops(device, peak_dtype, peak_size)
+    mem = {"system": _measure_side(system, device), "baseline": _measure_side(baseline, device)}
+    times = time_interleaved({"system": system.step, "baseline": baseline.step}, device, setting.rounds)
+    peak = max(peak, matmul_peak_flops(device, peak_dtype, peak_size))
+    flops = step_flops(model, num_tokens, setting.batch_size)
+    stats = {side: summarize_times(t) for side, t in times.items()}
+    speedup = stats["baseline"]["best_s"] / stats["system"]["best_s"]
+    achieved = flops / stats["system"]["best_s"]
+    fraction = achieved / peak
+    cfg = setting.decoder_cfg()
+    raw = {
+        "setting": {**asdict(replace(setting, decoder=setting.label.split("/")[0])), "num_tokens": num_tokens,
+                    "attn_drop_effective": cfg.attn_drop, "device": str(device)},
+        "attention_path": attention_path(cfg, device, setting.precision),
+        "step_flops": flops,
+        "system": {**stats["system"], "clips_per_s": setting.batch_size / stats["system"]["best_s"],
+                   "flop_per_s": achieved, "peak_memory_bytes": mem["system"], "loss": system.last_loss},
+        "baseline": {**stats["baseline"], "clips_per_s": setting.batch_size / stats["baseline"]["best_s"],
+                     "flop_per_s": flops / stats["baseline"]["best_s"], "peak_memory_bytes": mem["baseline"],
+                     "loss": baseline.last_loss},
+        "attention_matrix_bytes_per_layer": attention_matrix_bytes(setting, num_tokens),
+    }
+    target = TARGET_SPEEDUP.get(device.type, TARGET_SPEEDUP["cpu"])
+    name = f"decoder_step/{setting.label}"
+    return [
+        make_result(name, speedup, target, summary=f"{raw['system']['clips_per_s']:.3g} vs "
+                    f"{raw['baseline']['clips_per_s']:.3g} clips/s", **raw),
+        make_result(f"{name}/fraction_of_peak", fraction, TARGET_FRACTION_OF_PEAK,
+                    summary=f"{achieved / 1e9:.1f} of {peak / 1e9:.1f} {setting.precision} GFLOP/s",
+                    achieved_flop_per_s=achieved, matmul_peak_flop_per_s=peak,
+                    setting=raw["setting"]),
+    ]
+
+
+def attention_path(cfg: DecoderConfig, device: torch.device, precision: Precision) -> str:
+    """Which SDPA implementation a training step takes (PyTorch's dispatch rules, stated)."""
+    if device.type == "cpu" and cfg.attn_drop > 0:
+        return "math (materialises B x h x N x N: no fused CPU kernel supports dropout)"
+    if device.type == "cpu":
+        return "flash (fused CPU kernel, no N x N matrix)"
+    return f"fused CUDA kernel (flash / memory-efficient / cuDNN), {precision}"
+
+
+def quick_settings() -> list[StepSetting]:
+    """What ``--quick`` measures on a 2-core CPU in a few minutes."""
+    return [StepSetting("official", batch_size=16, rounds=1)]
+
+
+def full_settings(device: torch.device) -> list[StepSetting]:
+    """The full run: both presets at batch 16, plus bf16 (the GPU target is bf16)."""
+    precision: Precision = "bf16" if device.type == "cuda" else "fp32"
+    return [StepSetting("official", precision=precision), StepSetting("paper", precision=precision)]
+
+
+def run(quick: bool, device: torch.device | None = None, settings: list[StepSetting] | None = None,
+        peak_size: int | None = None) -> list[Result]:
+    """Run the decoder-step benchmark.
+
+    Args:
+        quick: The few-minute CPU configuration.
+        device: Defaults to CUDA when available.
+        settings: Override what is measured (tests pass a toy setting).
+    """
+    device = device or default_device()
+    settings = settings if settings is not None else (quick_settings() if quick else full_settings(device))
+    results: list[Result] = []
+    for setting in settings:
+        log.info("decoder step %s", setting.label)
+        results += run_setting(setting, device, peak_size)
+    return results

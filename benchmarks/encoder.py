@@ -1,0 +1,158 @@
+"""Encoder inference for the feature cache: clips/s of the VideoMAE encoder, against an eager baseline.
+
+System: ``VideoMAEEncoder`` as the feature cache runs it (eval mode, ``torch.inference_mode``, timm
+blocks whose attention goes through ``F.scaled_dot_product_attention``). Baseline: the same weights
+run block by block with explicit ``softmax(Q K^T / sqrt(d)) V`` attention under ``torch.no_grad``.
+Also reported: achieved FLOP/s (``model.encoder.encoder_flops``) as a fraction of the dense matmul
+peak measured in the same run. The issue sets no speed-up target here; the target recorded is 1.0
+(the real encoder must not be slower than the textbook one).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.common import (
+    PeakMemory,
+    Result,
+    default_device,
+    make_result,
+    matmul_peak_flops,
+    summarize_times,
+    time_interleaved,
+)
+from model.encoder import EncoderConfig, VideoMAEEncoder, encoder_config, encoder_flops
+
+log = logging.getLogger(__name__)
+
+TARGET_SPEEDUP = 1.0
+
+
+@dataclass(frozen=True)
+class EncoderSetting:
+    """One encoder configuration.
+
+    Attributes:
+        encoder: Preset name (``vit_small``, ``vit_base``, ``vit_large``) or a config.
+        batch_size: Clips per forward.
+        rounds: Timed forwards per side (alternated).
+        precision: ``fp32`` or ``bf16`` (autocast) on the system side; the baseline is fp32.
+    """
+
+    encoder: str | EncoderConfig = "vit_small"
+    batch_size: int = 1
+    rounds: int = 2
+    precision: str = "fp32"
+
+    @property
+    def label(self) -> str:
+        """Short name used in result names."""
+        name = self.encoder if isinstance(self.encoder, str) else "custom"
+        return f"{name}/b{self.batch_size}/{self.precision}"
+
+    def encoder_cfg(self) -> EncoderConfig:
+        """The resolved encoder config."""
+        return encoder_config(self.encoder)
+
+
+def _eager_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One timm ``Block`` with VideoMAE q/v biases, written out (no drop-path/layer-scale: eval)."""
+    attn = blk.attn
+    B, N, C = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    a = blk.norm1(x)
+    bias = None
+    if attn.q_bias is not None:
+        bias = torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias))
+    q, k, v = F.linear(a, attn.qkv.weight, bias).view(B, N, 3, h, d).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+    probs = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(d), dim=-1)  # (B, h, N, N)
+    z = torch.matmul(probs, v).transpose(1, 2).reshape(B, N, h * d)  # (B, N, C)
+    x = x + attn.proj(z)
+    m = blk.mlp
+    return x + m.fc2(F.gelu(m.fc1(blk.norm2(x))))
+
+
+def baseline_encode(encoder: VideoMAEEncoder, video: torch.Tensor) -> torch.Tensor:
+    """``encoder(video)`` (B, 3, T, H, W) -> (B, N, C), the straightforward eager way."""
+    x = encoder.patch_embed(video)  # (B, N, C)
+    if encoder.cfg.use_pos_embed:
+        x = x + encoder.pos_embed
+    for blk in encoder.blocks:
+        x = _eager_block(blk, x)
+    return encoder.norm(x)
+
+
+def run_setting(setting: EncoderSetting, device: torch.device, peak_size: int | None = None
+                ) -> list[Result]:
+    """Clips/s of the real encoder over the eager baseline, same weights and clip."""
+    cfg = setting.encoder_cfg()
+    torch.manual_seed(0)
+    encoder = VideoMAEEncoder(cfg).freeze().to(device)
+    video = torch.randn(setting.batch_size, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size,
+                        device=device)
+    autocast = setting.precision == "bf16"
+    peak_dtype = torch.bfloat16 if autocast else torch.float32
+
+    def system() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            encoder(video)
+
+    def baseline() -> None:
+        with torch.no_grad():
+            baseline_encode(encoder, video)
+
+    peak = matmul_peak_flops(device, peak_dtype, peak_size)
+    mem = {}
+    for side, fn in (("system", system), ("baseline", baseline)):
+        with PeakMemory(device) as probe:  # doubles as the warm-up call
+            fn()
+        mem[side] = probe.peak_bytes
+    times = time_interleaved({"system": system, "baseline": baseline}, device, setting.rounds)
+    peak = max(peak, matmul_peak_flops(device, peak_dtype, peak_size))
+    stats = {side: summarize_times(t) for side, t in times.items()}
+    flops = encoder_flops(cfg) * setting.batch_size
+    sides = {
+        side: {**stats[side], "clips_per_s": setting.batch_size / stats[side]["best_s"],
+               "flop_per_s": flops / stats[side]["best_s"], "peak_memory_bytes": mem[side]}
+        for side in stats
+    }
+    fraction = sides["system"]["flop_per_s"] / peak
+    return [make_result(
+        f"encoder/{setting.label}", stats["baseline"]["best_s"] / stats["system"]["best_s"], TARGET_SPEEDUP,
+        summary=f"{sides['system']['clips_per_s']:.3g} vs {sides['baseline']['clips_per_s']:.3g} clips/s, "
+                f"{fraction:.0%} of matmul peak",
+        setting={**asdict(replace(setting, encoder=setting.label.split("/")[0])), "num_tokens": cfg.num_tokens,
+                 "device": str(device)},
+        forward_flops=flops, fraction_of_peak=fraction, matmul_peak_flop_per_s=peak, **sides,
+    )]
+
+
+def quick_settings() -> list[EncoderSetting]:
+    """One clip through ViT-S and ViT-B on CPU."""
+    return [EncoderSetting("vit_small"), EncoderSetting("vit_base")]
+
+
+def full_settings(device: torch.device) -> list[EncoderSetting]:
+    """CPU: ViT-S and ViT-B; GPU: ViT-S, ViT-B and ViT-L at a cache-building batch size, in bf16 too."""
+    if device.type != "cuda":
+        return [EncoderSetting("vit_small", rounds=3), EncoderSetting("vit_base", rounds=3)]
+    return [EncoderSetting(name, batch_size=8, rounds=5, precision=p)
+            for name in ("vit_small", "vit_base", "vit_large") for p in ("fp32", "bf16")]
+
+
+def run(quick: bool, device: torch.device | None = None, settings: list[EncoderSetting] | None = None,
+        peak_size: int | None = None) -> list[Result]:
+    """Run the encoder-inference benchmark (``settings`` overrides what is measured, for tests)."""
+    device = device or default_device()
+    settings = settings if settings is not None else (quick_settings() if quick else full_settings(device))
+    results: list[Result] = []
+    for setting in settings:
+        log.info("encoder %s", setting.label)
+        results += run_setting(setting, device, peak_size)
+    return results

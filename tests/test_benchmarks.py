@@ -1,0 +1,188 @@
+"""benchmarks/: every benchmark runs at a toy size and yields well-formed results (never how fast)."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import benchmarks
+from benchmarks import common
+from benchmarks import decoder_step as ds
+from benchmarks import encoder as be
+from model.decoder import DecoderConfig
+from model.encoder import EncoderConfig, VideoMAEEncoder
+from orchestrator.cli import main as cli_main
+
+CPU = torch.device("cpu")
+PEAK_SIZE = 64  # toy matmul "peak": the number is meaningless, the code path is the real one
+
+
+def toy_step(**kw) -> ds.StepSetting:
+    dec = DecoderConfig(embed_dim=16, depth=2, num_heads=2, head_dim=8)
+    base = dict(decoder=dec, batch_size=2, encoder_dim=32, num_frames=4, img_size=32, rounds=1)
+    return ds.StepSetting(**{**base, **kw})
+
+
+def toy_encoder() -> EncoderConfig:
+    return EncoderConfig(embed_dim=32, depth=2, num_heads=2, num_frames=4, img_size=32)
+
+
+def assert_well_formed(result: dict) -> None:
+    assert isinstance(result["name"], str) and result["name"]
+    for key in ("ratio", "target"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] >= 0
+    assert result["passed"] is (result["ratio"] >= result["target"])
+    json.dumps(result)  # the report must be able to hold it
+
+
+def finite_numbers(obj: object) -> list[float]:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in finite_numbers(v)]
+    if isinstance(obj, list | tuple):
+        return [x for v in obj for x in finite_numbers(v)]
+    if isinstance(obj, float | int) and not isinstance(obj, bool):
+        assert math.isfinite(obj), obj
+        return [float(obj)]
+    return []
+
+
+@pytest.mark.parametrize("attn_drop", [None, 0.0])
+def test_decoder_step_runs_and_reports(attn_drop: float | None) -> None:
+    results = ds.run(quick=False, device=CPU, settings=[toy_step(attn_drop=attn_drop)], peak_size=PEAK_SIZE)
+    speed, fraction = results
+    for r in results:
+        assert_well_formed(r)
+    assert speed["name"].startswith("decoder_step/") and fraction["name"] == speed["name"] + "/fraction_of_peak"
+    assert speed["target"] == ds.TARGET_SPEEDUP["cpu"] and fraction["target"] == ds.TARGET_FRACTION_OF_PEAK
+    for side in ("system", "baseline"):
+        raw = speed[side]
+        assert raw["best_s"] > 0 and raw["clips_per_s"] == pytest.approx(2 / raw["best_s"])
+        assert raw["peak_memory_bytes"] is None or isinstance(raw["peak_memory_bytes"], int)
+        assert math.isfinite(raw["loss"])
+    assert speed["ratio"] == pytest.approx(speed["baseline"]["best_s"] / speed["system"]["best_s"])
+    assert fraction["ratio"] == pytest.approx(fraction["achieved_flop_per_s"] / fraction["matmul_peak_flop_per_s"])
+    assert ("math" in speed["attention_path"]) == (speed["setting"]["attn_drop_effective"] > 0)
+    assert finite_numbers(results)
+
+
+def test_baseline_decoder_computes_the_same_function() -> None:
+    system, _, model, _ = ds.build_runners(toy_step(), CPU)
+    model.eval()
+    with torch.no_grad():
+        real = model.forward_tokens(system.tokens)
+        eager = ds.baseline_forward_tokens(model, system.tokens)
+    for a, b in ((real.logits, eager.logits), (real.boxes, eager.boxes), (real.landmarks, eager.landmarks)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["system", "baseline"])
+def test_step_flops_match_a_flop_counter(side: str) -> None:
+    system, baseline, model, num_tokens = ds.build_runners(toy_step(), CPU)
+    runner = system if side == "system" else baseline
+    with FlopCounterMode(display=False) as counter:
+        runner.loss_fn(runner.forward(runner.tokens), runner.batch)["loss"].backward()
+    assert counter.get_total_flops() == ds.step_flops(model, num_tokens, batch_size=2)
+
+
+def test_step_updates_every_trainable_parameter() -> None:
+    system, _, model, _ = ds.build_runners(toy_step(), CPU)
+    before = [p.detach().clone() for p in model.trainable_parameters()]
+    system.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.trainable_parameters(), strict=True))
+
+
+def test_baseline_memory_guard_names_the_need() -> None:
+    setting = ds.StepSetting("paper", batch_size=4096)
+    with pytest.raises(MemoryError, match="GiB"):
+        ds.run_setting(setting, CPU)
+
+
+def test_encoder_runs_and_matches_its_baseline() -> None:
+    (result,) = be.run(quick=False, device=CPU, settings=[be.EncoderSetting(toy_encoder())], peak_size=PEAK_SIZE)
+    assert_well_formed(result)
+    assert result["name"].startswith("encoder/") and 0 < result["fraction_of_peak"]
+    assert finite_numbers(result)
+    enc = VideoMAEEncoder(toy_encoder()).freeze()
+    video = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(video), be.baseline_encode(enc, video), rtol=1e-5, atol=1e-5)
+
+
+def test_peak_memory_sees_a_large_allocation() -> None:
+    with common.PeakMemory(CPU) as probe:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    if probe.method == "none":
+        pytest.skip("no way to read process memory on this platform")
+    assert probe.peak_bytes >= 48 * 2**20
+
+
+def test_normalize_result_rejects_malformed() -> None:
+    ok = common.normalize_result({"name": "x", "ratio": 2, "target": 1}, "mod")
+    assert ok["passed"] is True and ok["source"] == "mod" and ok["ratio"] == 2.0
+    with pytest.raises(ValueError, match="without"):
+        common.normalize_result({"name": "x", "ratio": 2.0}, "mod")
+    with pytest.raises(ValueError, match="finite"):
+        common.normalize_result({"name": "x", "ratio": float("nan"), "target": 1.0}, "mod")
+
+
+def _fake_module(name: str, run) -> types.ModuleType:
+    module = types.ModuleType(f"benchmarks.{name}")
+    module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, loader=None)
+    module.run = run
+    return module
+
+
+@pytest.fixture
+def fake_suite(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Two fake benchmarks (one raises, one returns) in place of the real ones; records quick flags."""
+    seen: list[bool] = []
+
+    def good(quick: bool) -> list[dict]:
+        seen.append(quick)
+        return [{"name": "fake/ok", "ratio": 3.0, "target": 2.0, "clips_per_s": 1.5}]
+
+    def bad(quick: bool) -> list[dict]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(sys.modules, "benchmarks.fake_bad", _fake_module("fake_bad", bad))
+    monkeypatch.setitem(sys.modules, "benchmarks.fake_ok", _fake_module("fake_ok", good))
+    monkeypatch.setattr(benchmarks, "BENCHMARKS", ("fake_bad", "fake_ok", "fake_absent"))
+    return seen
+
+
+def test_run_all_records_errors_and_goes_on(fake_suite: list[bool], tmp_path) -> None:
+    report = benchmarks.run_all(quick=True, out_dir=tmp_path)
+    assert fake_suite == [True]
+    by_name = {r["name"]: r for r in report["results"]}
+    assert by_name["fake_bad"]["error"] == "RuntimeError: boom" and by_name["fake_bad"]["passed"] is False
+    assert by_name["fake/ok"]["passed"] is True and by_name["fake/ok"]["source"] == "fake_ok"
+    assert report["benchmarks"]["fake_absent"] == {"status": "absent"}
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert [r["name"] for r in on_disk["results"]] == ["fake_bad", "fake/ok"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| fake/ok | 3 | 2 | yes |" in md and "RuntimeError: boom" in md
+    assert on_disk["machine"]["torch_threads"] >= 1 and on_disk["machine"]["versions"]["torch"]
+
+
+def test_run_all_rejects_unknown_names(fake_suite: list[bool]) -> None:
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        benchmarks.run_all(only=["nope"], out_dir=None)
+
+
+def test_cli_bench_and_module_entry_point_share_run_all(fake_suite: list[bool], tmp_path, capsys) -> None:
+    from benchmarks.__main__ import main as module_main
+
+    assert cli_main(["bench", "--quick", "--only", "fake_ok", "--out", str(tmp_path / "a")]) == 0
+    assert "pass   fake/ok: ratio 3" in capsys.readouterr().out
+    assert module_main(["--only", "fake_bad", "--out", str(tmp_path / "b")]) == 1
+    assert "ERROR  fake_bad" in capsys.readouterr().out
+    assert fake_suite == [True]
+    assert cli_main(["bench", "--only", "nope", "--out", str(tmp_path)]) == 2
