@@ -1,0 +1,316 @@
+"""orchestrator/trainable.py on a generated tiny cache: config, loop, resume, feature cache, MLflow, Tune."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache_fixture import TinyCache, write_tiny_cache
+from orchestrator import trainable as tr
+from orchestrator.trainable import EPOCH_METRICS, FINAL_METRICS, TrialConfig, run_trial
+
+# 32 px x 16 frames -> 8 x 2 x 2 = 32 tokens; 6 subjects -> 3 folds of 2 test / 1 val / 3 train subjects.
+TINY = dict(dataset="demo", encoder="tiny", decoder="official", decoder_dim=16, decoder_head_dim=8,
+            decoder_depth=1, batch_size=4, n_folds=3, epochs=2)
+NONDETERMINISTIC = {"epoch_time_s"}
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials without a tracking_uri fall back to $MLFLOW_TRACKING_URI: keep tests off any ambient store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> TinyCache:
+    return write_tiny_cache(tmp_path_factory.mktemp("cache"))
+
+
+def config(cache: TinyCache, **kw) -> TrialConfig:
+    return TrialConfig.from_flat({**TINY, "cache_dir": str(cache.root), **kw})
+
+
+class Collect:
+    """A reporter that keeps every report and checks the checkpoint it is handed."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict[str, float]] = []
+
+    def __call__(self, metrics: dict[str, float], checkpoint: Path) -> None:
+        assert (checkpoint / tr.CHECKPOINT_FILE).is_file()
+        self.reports.append(dict(metrics))
+
+
+def deterministic(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k not in NONDETERMINISTIC}
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+def test_unknown_key_is_an_error_naming_it() -> None:
+    with pytest.raises(ValueError, match="'learning_rate'"):
+        TrialConfig.from_flat({"learning_rate": 0.1})
+
+
+def test_defaults_follow_the_paper_and_the_released_code() -> None:
+    cfg = TrialConfig()
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (1e-3, 1e-3, 16, 100)
+    assert (cfg.w_box, cfg.w_landmark, cfg.w_expr) == (0.5, 0.5, 1.5)
+    assert (cfg.lr_factor, cfg.lr_patience, cfg.early_stop_patience) == (0.1, 10, 50)
+    assert cfg.freeze_encoder and cfg.uses_feature_cache and cfg.encoder == "vit_large"
+
+
+def test_from_flat_coerces_command_line_and_numpy_values() -> None:
+    cfg = TrialConfig.from_flat({"lr": "3e-4", "epochs": np.int64(7), "freeze_encoder": "false",
+                                 "feature_cache": False, "decoder_depth": "none", "batch_size": 8.0})
+    assert (cfg.lr, cfg.epochs, cfg.freeze_encoder, cfg.feature_cache) == (3e-4, 7, False, "off")
+    assert cfg.decoder_depth is None and cfg.batch_size == 8 and not cfg.uses_feature_cache
+
+
+@pytest.mark.parametrize("flat, key", [
+    ({"arch": "resnet"}, "arch"), ({"precision": "fp8"}, "precision"), ({"fold": 5}, "fold"),
+    ({"epochs": 2.5}, "epochs"), ({"feature_cache": "on", "freeze_encoder": False}, "feature_cache"),
+    ({"lr_factor": 1.0}, "lr_factor"),
+])
+def test_invalid_values_name_the_key(flat: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        TrialConfig.from_flat(flat)
+
+
+def test_config_hash_ignores_fold_and_runtime_keys() -> None:
+    a = TrialConfig.from_flat({"fold": 0, "cache_dir": "/a", "tracking_uri": "sqlite:///x.db"})
+    b = TrialConfig.from_flat({"fold": 3, "cache_dir": "/b", "num_workers": 4, "trial_key": "k"})
+    assert a.config_hash == b.config_hash
+    assert TrialConfig.from_flat({"lr": 1e-4}).config_hash != a.config_hash
+    assert a.resolved_trial_key.endswith(f"/{a.config_hash}/f0") and b.resolved_trial_key == "k"
+
+
+def test_model_config_applies_decoder_overrides() -> None:
+    cfg = TrialConfig.from_flat({"decoder": "official", "decoder_depth": 2, "decoder_dropout": 0.1})
+    dec = cfg.model_config(7, 16, 224).decoder_cfg()
+    assert (dec.depth, dec.embed_dim, dec.drop_rate, dec.attn_drop, dec.input_dropout) == (2, 256, 0.1, 0.1, 0.1)
+
+
+def test_fp16_needs_cuda() -> None:
+    with pytest.raises(ValueError, match="fp16"):
+        tr.resolve_precision("fp16", torch.device("cpu"))
+    assert tr.resolve_precision("auto", torch.device("cpu")) is None
+    assert tr.resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules
+
+
+def test_early_stopping_follows_keras_semantics() -> None:
+    stop = tr.EarlyStopping(patience=2)
+    assert [stop.update(v, e) for e, v in enumerate([0.5, 0.6, 0.6, 0.55])] == [True, True, False, False]
+    assert stop.stopped and (stop.best, stop.best_epoch) == (0.6, 1), "ties keep the first best epoch"
+
+
+def test_lr_drops_after_lr_patience_bad_epochs(cache: TinyCache) -> None:
+    trial = tr.Trial(config(cache, lr_patience=2, feature_cache="off"), tr.load_trial_data(config(cache)))
+    lrs = []
+    for loss in [1.0, 1.0, 1.0, 1.0, 1.0]:
+        trial.scheduler.step(loss)
+        lrs.append(trial.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5]), "Keras: drop after `patience` bad epochs"
+
+
+def test_epoch_batches_depend_only_on_seed_and_epoch() -> None:
+    a = tr.epoch_batches(10, 4, seed=0, epoch=3)
+    assert a == tr.epoch_batches(10, 4, seed=0, epoch=3)
+    assert a != tr.epoch_batches(10, 4, seed=0, epoch=4)
+    assert sorted(i for b in a for i in b) == list(range(10)) and [len(b) for b in a] == [4, 4, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def test_one_epoch_reports_every_metric(cache: TinyCache) -> None:
+    collect = Collect()
+    final = run_trial(config(cache, epochs=1), collect)
+    assert len(collect.reports) == 1 and collect.reports[0] == final
+    recalls = {k for k in final if k.startswith("test_recall_")}
+    assert set(final) == set(EPOCH_METRICS) | set(FINAL_METRICS) | recalls
+    assert recalls == {f"test_recall_{n}" for n in cache.class_names}
+    assert all(math.isfinite(v) for v in final.values())
+    assert final["epoch"] == 0 and final["best_epoch"] == 0 and final["lr"] == pytest.approx(1e-3)
+    for name in ("val_uar", "val_war", "test_uar", "test_war"):
+        assert 0.0 <= final[name] <= 1.0
+
+
+@pytest.mark.parametrize("arch", ["stl", "shared_mlp"])
+def test_other_architectures_train(cache: TinyCache, arch: str) -> None:
+    final = run_trial(config(cache, arch=arch, epochs=1))
+    assert math.isfinite(final["test_uar"])
+    if arch == "stl":
+        assert final["train_loss_box"] == 0.0 and final["train_loss_landmark"] == 0.0
+
+
+def test_expression_loss_falls(cache: TinyCache) -> None:
+    collect = Collect()
+    run_trial(config(cache, epochs=4), collect)
+    losses = [r["train_loss_expr"] for r in collect.reports]
+    assert len(losses) == 4
+    assert losses[-1] < 0.8 * losses[0], f"expression loss did not fall: {losses}"
+
+
+@pytest.mark.parametrize("settings", [
+    {"lr": 1e-3},  # learning: weights, Adam moments and dropout streams must continue exactly
+    {"lr": 1e-8, "lr_patience": 1, "early_stop_patience": 2},  # plateau: LR drop and early stop span the cut
+], ids=["learning", "plateau"])
+def test_resumed_run_ends_with_the_same_metrics(cache: TinyCache, tmp_path: Path, settings: dict) -> None:
+    cfg = config(cache, epochs=4, **settings)
+    uninterrupted = Collect()
+    run_trial(cfg, uninterrupted)
+
+    class Interrupted(Exception):
+        pass
+
+    def crash_after_epoch_1(metrics: dict[str, float], checkpoint: Path) -> None:
+        shutil.copytree(checkpoint, tmp_path / "ckpt", dirs_exist_ok=True)
+        if metrics["epoch"] == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_trial(cfg, crash_after_epoch_1)
+    resumed = Collect()
+    run_trial(cfg, resumed, resume=tmp_path / "ckpt")
+    assert [deterministic(r) for r in resumed.reports] == [deterministic(r) for r in uninterrupted.reports[2:]]
+    if settings["lr"] == 1e-3:
+        assert [r["epoch"] for r in resumed.reports] == [2, 3]
+    else:
+        assert [r["epoch"] for r in resumed.reports] == [2], "early stopping (patience 2) must fire at epoch 2"
+        assert resumed.reports[-1]["lr"] == pytest.approx(1e-9), "the LR must have dropped after epoch 1"
+
+
+def test_resume_refuses_another_config(cache: TinyCache, tmp_path: Path) -> None:
+    run_trial(config(cache, epochs=1), tr.directory_reporter(tmp_path))
+    with pytest.raises(ValueError, match="lr"):
+        run_trial(config(cache, epochs=1, lr=0.1), resume=tmp_path)
+
+
+def test_early_stopping_ends_the_trial_and_test_uses_the_best_epoch(cache: TinyCache) -> None:
+    collect = Collect()
+    final = run_trial(config(cache, epochs=30, early_stop_patience=1, lr=1e-6), collect)
+    assert final["epoch"] < 29, "patience 1 with a frozen LR must stop early"
+    assert final["epoch"] == final["best_epoch"] + 1
+    assert "test_uar" in final and all("test_uar" not in r for r in collect.reports[:-1])
+
+
+def test_cached_and_end_to_end_paths_agree(cache: TinyCache) -> None:
+    cached, e2e = Collect(), Collect()
+    run_trial(config(cache, feature_cache="on"), cached)
+    run_trial(config(cache, feature_cache="off"), e2e)
+    for a, b in zip(cached.reports, e2e.reports):
+        for key in set(a) - NONDETERMINISTIC:
+            assert a[key] == pytest.approx(b[key], rel=2e-2, abs=2e-3), key
+
+
+def test_same_weights_give_the_same_predictions_on_both_paths(cache: TinyCache) -> None:
+    data = tr.load_trial_data(config(cache))
+    cached = tr.Trial(config(cache, feature_cache="on"), data)
+    e2e = tr.Trial(config(cache, feature_cache="off"), data)
+    assert isinstance(cached.source, tr.TokenSource) and isinstance(e2e.source, tr.VideoSource)
+    a, b = cached.evaluate("test"), e2e.evaluate("test")
+    assert a.clip_ids == b.clip_ids and a.y_pred == b.y_pred
+    assert a.losses() == pytest.approx(b.losses(), rel=1e-3)
+
+
+def test_feature_cache_is_shared_across_trials_and_keyed_by_encoder(tmp_path: Path) -> None:
+    small = write_tiny_cache(tmp_path / "cache", num_subjects=3, clips_per_cell=1)
+    for arch in ("cascaded_vit", "shared_mlp"):
+        tr.Trial(config(small, arch=arch), tr.load_trial_data(config(small)))
+    keys = list((small.root / "features").iterdir())
+    assert len(keys) == 1, "same frozen encoder and cache -> one token set"
+    assert len(list(keys[0].glob("*.npy"))) == len(small.clip_ids)
+    tr.Trial(config(small, seed=1), tr.load_trial_data(config(small)))
+    assert len(list((small.root / "features").iterdir())) == 2, "another random encoder -> another key"
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow and Ray Tune
+
+
+@pytest.mark.slow
+def test_mlflow_run_holds_exactly_the_expected_record(cache: TinyCache, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = config(cache, epochs=2, tracking_uri=uri, experiment="exp", sweep="s1", stage="cv")
+    run_trial(cfg, tr.directory_reporter(tmp_path / "ckpt"))
+    run_trial(cfg, resume=tmp_path / "ckpt")  # a resumed, already finished trial
+    run_trial(cfg)  # a re-run from scratch of the same trial
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # set_tracking_uri exports it; restored afterwards
+    mlflow.set_tracking_uri(uri)
+    try:
+        runs = mlflow.search_runs(experiment_names=["exp"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(runs) == 1, "resuming or re-running must not create another run"
+    run = runs.iloc[0]
+    assert run["status"] == "FINISHED"
+    expected_tags = {"dataset": "demo", "arch": "cascaded_vit", "fold": "0", "sweep": "s1", "stage": "cv",
+                     "config_hash": cfg.config_hash, "trial_key": cfg.resolved_trial_key}
+    assert {k: run[f"tags.{k}"] for k in expected_tags} == expected_tags
+    params = {c[len("params."):] for c in runs.columns if c.startswith("params.")}
+    assert params == set(cfg.to_flat()) - tr.TRACKING_KEYS
+    assert run["params.lr"] == "0.001" and run["params.n_folds"] == "3"
+    metrics = {c[len("metrics."):] for c in runs.columns if c.startswith("metrics.")}
+    recalls = {f"test_recall_{n}" for n in cache.class_names}
+    assert metrics == (set(EPOCH_METRICS) - {"epoch"}) | set(FINAL_METRICS) | recalls
+    client = MlflowClient(uri)
+    for key in ("val_uar", "train_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(run["run_id"], key)] == [0, 1], key
+    assert [m.step for m in client.get_metric_history(run["run_id"], "test_uar")] == [0]
+    artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
+    assert artifacts == {"confusion_matrix.png", "per_class_recall.csv", "predictions.csv"}
+
+
+@pytest.mark.slow
+def test_train_trial_runs_inside_ray_tune(cache: TinyCache, tmp_path: Path) -> None:
+    import ray
+    from ray import tune
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tuner = tune.Tuner(
+            tr.train_trial,
+            param_space={**TINY, "cache_dir": str(cache.root), "epochs": 2},
+            run_config=tune.RunConfig(storage_path=str(tmp_path), name="t", verbose=0),
+        )
+        result = tuner.fit()[0]
+    finally:
+        ray.shutdown()
+    assert result.error is None, result.error
+    assert result.metrics["epoch"] == 1 and "test_uar" in result.metrics
+    assert result.metrics["training_iteration"] == 2, "one report per epoch, the last one carries the test"
+    with result.checkpoint.as_directory() as directory:
+        state = tr.load_checkpoint(directory)
+    assert state["epoch"] == 1 and not any(k.startswith("encoder.") for k in state["model"])
+
+
+def test_cli_train_runs_one_fold(cache: TinyCache, tmp_path: Path) -> None:
+    from orchestrator.cli import main
+
+    out = tmp_path / "out"
+    args = ["train", "--cache", str(cache.root), "--arch", "stl", "--fold", "1", "--epochs", "1", "--set",
+            "encoder=tiny", "--set", "n_folds=3", "--set", "batch_size=4", "--out", str(out), "--no-progress"]
+    code = main(args)
+    assert code == 0
+    assert (out / "mlflow.db").is_file()
+    assert list(out.glob(f"checkpoints/*/{tr.CHECKPOINT_FILE}"))
+    assert main(args + ["--resume"]) == 0, "resuming a finished fold re-reports its test results"
+    assert main(args + ["--set", "lr=0.5", "--resume"]) == 2, "a checkpoint of another config is refused"
+    assert main(["train", "--cache", str(cache.root), "--set", "learning_rate=1", "--out", str(out)]) == 2
