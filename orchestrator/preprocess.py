@@ -254,18 +254,12 @@ def read_clip(path: str | os.PathLike[str], settings: PreprocessSettings) -> Dec
     num_source = len(reader)
     if num_source < 1:
         raise ClipError("the video stream has no frames")
-    notes = []
+    notes: list[str] = []
     indices, padded = sample_indices(num_source, settings.num_frames, settings.sampling)
     try:
         frames = _as_rgb(reader.get_batch(indices.tolist()).asnumpy())
     except Exception as error:  # decord raises DECORDError/RuntimeError for bad streams
-        readable = _readable_prefix(path, num_source)
-        if readable == 0:
-            raise ClipError(f"no frame could be decoded (corrupt or truncated stream: "
-                            f"{_short(error)})") from error
-        notes.append(f"{readable} of {num_source} frames decodable ({_short(error)})")
-        indices, padded = sample_indices(readable, settings.num_frames, settings.sampling)
-        frames = _as_rgb(_open_reader(path).get_batch(indices.tolist()).asnumpy())
+        frames, indices, padded = _read_damaged(path, num_source, settings, error, notes)
     if padded:
         notes.append(f"padded: {min(num_source, int(indices.max()) + 1)} source frames "
                      f"< {settings.num_frames}")
@@ -293,12 +287,47 @@ def _open_reader(path: Path) -> Any:
                         f"container ({_short(error)})") from error
 
 
-def _probe(path: Path, index: int) -> bool:
+def _read_frame(path: Path, index: int) -> np.ndarray | None:
+    """One frame with a fresh reader (a reader is unreliable after an error), or ``None``."""
     try:
-        _open_reader(path).get_batch([index])
-        return True
+        return _as_rgb(_open_reader(path).get_batch([index]).asnumpy())[0]
     except Exception:
-        return False
+        return None
+
+
+def _probe(path: Path, index: int) -> bool:
+    return _read_frame(path, index) is not None
+
+
+def _read_damaged(path: Path, num_source: int, settings: PreprocessSettings,
+                  error: Exception, notes: list[str]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Fallback after a failed batch read: the frame count was an estimate (FLV) or the stream is
+    damaged. Re-sample within the readable prefix; if that batch fails too, read the frames one by
+    one and replace unreadable ones by the nearest readable one.
+
+    Raises:
+        ClipError: No frame decodes.
+    """
+    readable = _readable_prefix(path, num_source)
+    if readable == 0:
+        raise ClipError(f"no frame could be decoded (corrupt or truncated stream: "
+                        f"{_short(error)})") from error
+    if readable < num_source:
+        notes.append(f"{readable} of {num_source} frames decodable ({_short(error)})")
+    indices, padded = sample_indices(readable, settings.num_frames, settings.sampling)
+    try:
+        return _as_rgb(_open_reader(path).get_batch(indices.tolist()).asnumpy()), indices, padded
+    except Exception:
+        pass
+    read = {int(i): _read_frame(path, int(i)) for i in np.unique(indices)}
+    good = np.array([i for i, f in read.items() if f is not None])
+    if len(good) == 0:
+        raise ClipError(f"no frame could be decoded (corrupt stream: {_short(error)})") from error
+    nearest = [int(good[np.argmin(np.abs(good - i))]) for i in indices]
+    missing = int(sum(n != i for n, i in zip(nearest, indices)))
+    if missing:
+        notes.append(f"{missing} sampled frame(s) unreadable, replaced by the nearest readable one")
+    return np.stack([read[i] for i in nearest]), indices, padded
 
 
 def _readable_prefix(path: Path, num_source: int) -> int:
