@@ -362,28 +362,47 @@ def load_trial_data(cfg: TrialConfig) -> TrialData:
         ValueError: ``cache_dir`` unset, or the fold has an empty split.
         FileNotFoundError: The cache lacks settings.json, manifest.csv or a clip file.
     """
-    from orchestrator.data import load_manifest, load_settings
+    from orchestrator.data import load_manifest
     from orchestrator.folds import make_folds
 
     if not cfg.cache_dir:
         raise ValueError("trial config cache_dir is empty; point it at a `mtcae preprocess` output")
-    cache_dir = Path(cfg.cache_dir)
+    manifest = load_manifest(cfg.cache_dir)
+    fold = make_folds(manifest, n_folds=cfg.n_folds, seed=FOLD_SEED)[cfg.fold]
+    data = trial_data_from_splits(cfg.cache_dir, {n: getattr(fold, n) for n in ("train", "val", "test")},
+                                  cfg.dataset)
+    logger.info("fold %d/%d of %s: %d train, %d val, %d test clips, %d classes", cfg.fold, cfg.n_folds,
+                cfg.cache_dir, *(len(data.splits[n].clip_ids) for n in ("train", "val", "test")),
+                len(data.class_names))
+    return data
+
+
+def trial_data_from_splits(cache_dir: Path | str, splits: Mapping[str, Sequence[str]], dataset: str = "") -> TrialData:
+    """:class:`TrialData` for explicit ``train``/``val``/``test`` clip lists of a cache.
+
+    Raises:
+        ValueError: A split is missing or empty.
+        KeyError: A clip id is not a usable clip of the cache.
+    """
+    from orchestrator.data import load_manifest, load_settings
+
+    cache_dir = Path(cache_dir)
     settings = load_settings(cache_dir)
     manifest = load_manifest(cache_dir)
-    fold = make_folds(manifest, n_folds=cfg.n_folds, seed=FOLD_SEED)[cfg.fold]
     files = {c: cache_dir / f for c, f in zip(manifest["clip_id"], manifest["cache_file"])}
-    splits = {}
+    targets = {}
     for name in ("train", "val", "test"):
-        ids = list(getattr(fold, name))
+        ids = list(splits.get(name, ()))
         if not ids:
-            raise ValueError(f"fold {cfg.fold} of {cache_dir} has no {name} clips")
-        splits[name] = _load_targets(ids, files)
-    with np.load(files[splits["train"].clip_ids[0]]) as npz:
+            raise ValueError(f"no {name} clips for {cache_dir} (every split needs at least one)")
+        unknown = [c for c in ids if c not in files]
+        if unknown:
+            raise KeyError(f"{len(unknown)} {name} clip(s) are not usable clips of {cache_dir}, e.g. {unknown[:3]}")
+        targets[name] = _load_targets(ids, files)
+    with np.load(files[targets["train"].clip_ids[0]]) as npz:
         T, S = npz["frames"].shape[:2]
-    names = _class_names(settings, manifest, cfg.dataset)
-    logger.info("fold %d/%d of %s: %d train, %d val, %d test clips, %d classes", cfg.fold, cfg.n_folds,
-                cache_dir, *(len(splits[n].clip_ids) for n in ("train", "val", "test")), len(names))
-    return TrialData(cache_dir, names, str(settings.get("settings_hash", "")), int(T), int(S), files, splits)
+    names = _class_names(settings, manifest, dataset)
+    return TrialData(cache_dir, names, str(settings.get("settings_hash", "")), int(T), int(S), files, targets)
 
 
 def _load_targets(clip_ids: list[str], files: Mapping[str, Path]) -> Targets:

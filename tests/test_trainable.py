@@ -314,3 +314,34 @@ def test_cli_train_runs_one_fold(cache: TinyCache, tmp_path: Path) -> None:
     assert main(args + ["--resume"]) == 0, "resuming a finished fold re-reports its test results"
     assert main(args + ["--set", "lr=0.5", "--resume"]) == 2, "a checkpoint of another config is refused"
     assert main(["train", "--cache", str(cache.root), "--set", "learning_rate=1", "--out", str(out)]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/trial.py (toy sizes: it runs, and its FLOP bookkeeping is right)
+
+
+def test_trial_benchmark_runs_at_toy_size() -> None:
+    from benchmarks import trial as bench
+
+    shrink = (("decoder_dim", 16), ("decoder_head_dim", 8), ("decoder_depth", 1))
+    setting = bench.EpochSetting(encoder="tiny", img_size=32, train_clips=8, val_clips=4, batch_size=4, rounds=1,
+                                 overrides=shrink)
+    results = bench.run(True, torch.device("cpu"), setting)
+    names = [r["name"] for r in results]
+    assert len(results) == 3 and "cache" in names[0]
+    for r in results:
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["target"] > 0
+    assert results[0]["feature_build_clips"] == 8 + 4 + 4
+
+
+def test_grid_flops_count_encoder_passes() -> None:
+    from benchmarks import trial as bench
+
+    grid = bench.grid_flops(datasets={"x": 10}, n_folds=5, epochs=3, val_fraction=0.25)
+    # per fold: 2 test clips, 2 val, 6 train; 6 archs x 5 folds x (3 epochs x 8 + 2) encoder passes
+    assert grid["encoder_passes_without_cache"] == pytest.approx(6 * 5 * (3 * 8 + 2))
+    assert grid["encoder_passes_with_cache"] == 10
+    enc = grid["encoder_forward_per_clip"]
+    assert grid["flops_without_cache"] - grid["flops_with_cache"] == pytest.approx(enc * (6 * 5 * 26 - 10))
+    stl = grid["per_clip"]["stl"]
+    assert stl["decoder_step"] == 3 * stl["decoder_forward"], "STL has no projection: heads only"

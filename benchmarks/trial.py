@@ -1,0 +1,288 @@
+"""Trial benchmark: what the frozen-encoder feature cache saves, measured and projected.
+
+Three results:
+
+* ``trial/epoch_feature_cache_speedup/...``: wall time of one training epoch (train pass + validation
+  pass, exactly :meth:`orchestrator.trainable.Trial.train_epoch` and ``evaluate("val")``) without
+  the cache (end to end: frames read from the preprocessing cache, normalised, frozen encoder
+  forward, decoders and heads) over the same epoch with it (cached fp16 tokens). Same weights, same
+  batches, measured alternately in one process. Target 1.5 (``vit_small`` + ``official`` decoders).
+* ``trial/cached_epoch_vs_pure_step/...``: a pure decoder-and-heads step (forward, loss, backward,
+  AdamW on tokens already in memory, same batches) over the cached training pass. Reading the
+  cache and the loop's bookkeeping are all that separates them. Target 1/1.15.
+* ``trial/grid_flops_feature_cache/vit_large-official``: analytic FLOPs of the paper's grid
+  (3 datasets x 6 architectures x 5 folds x 100 epochs, dataset sizes of paper section 4.1) without
+  the cache over with it. Without: the frozen encoder runs forward on every training and validation
+  clip every epoch of every trial, and on the test clips once. With: it runs once per clip of each
+  dataset for the whole grid (one token set per pretrained encoder and preprocessing). Decoders and
+  heads cost the same on both sides: a training step is 3x their forward (forward + input and
+  weight gradients), 2x for the shared projection (its input, the frozen tokens, needs no
+  gradient); validation and test are forward only. Target 5. The same projection with the
+  ``paper`` decoder preset (5 layers, attention width 3 x 512) is reported alongside as raw numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import Result, default_device, make_result, summarize_times, time_call
+from model import ARCHITECTURES, MTCAEModel, ModelConfig, build_model
+from model.encoder import encoder_config, encoder_flops
+from orchestrator import trainable as tr
+
+log = logging.getLogger(__name__)
+
+TARGET_CACHE_SPEEDUP = 1.5
+TARGET_STEP_OVERHEAD = 1 / 1.15
+TARGET_GRID_FLOPS = 5.0
+
+PAPER_DATASET_CLIPS = {"ravdess": 1440, "crema-d": 7442, "mead": 6568}  # paper section 4.1
+PAPER_FOLDS = 5
+PAPER_EPOCHS = 100
+VAL_FRACTION = 0.15  # orchestrator.folds.DEFAULT_VAL_SUBJECTS: validation share of the training subjects
+
+
+@dataclass(frozen=True)
+class EpochSetting:
+    """One measured epoch configuration.
+
+    Attributes:
+        encoder: Encoder preset (frozen, random init: its weights do not change the cost).
+        decoder: Decoder preset.
+        arch: Architecture.
+        img_size: Frame side S (N = 8 x (S/16)^2 tokens).
+        batch_size: Clips per step (16, the paper's).
+        train_clips: Training clips per epoch.
+        val_clips: Validation clips per epoch.
+        num_classes: Expression classes.
+        rounds: Timed epochs per side (alternated; the fastest counts).
+        overrides: Further trial config keys as ``(key, value)`` pairs (tests shrink the decoder).
+    """
+
+    encoder: str = "vit_small"
+    decoder: str = "official"
+    arch: str = "cascaded_vit"
+    img_size: int = 224
+    batch_size: int = 16
+    train_clips: int = 64
+    val_clips: int = 16
+    num_classes: int = 7
+    rounds: int = 3
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """Short name used in result names."""
+        return f"{self.encoder}-{self.decoder}-{self.arch}-{self.img_size}px"
+
+
+QUICK = EpochSetting(img_size=112, train_clips=16, val_clips=16, rounds=3)
+FULL = EpochSetting()
+
+
+# --------------------------------------------------------------------------------------------
+# A generated preprocessing cache (written with the preprocessing stage's own writers)
+
+
+def write_cache(root: Path, num_clips: int, img_size: int, num_classes: int, seed: int = 0) -> list[str]:
+    """Write ``num_clips`` random clips as ``mtcae preprocess`` would; returns their clip ids."""
+    from orchestrator.datasets import get_dataset
+    from orchestrator.preprocess import PreprocessSettings, settings_document, write_manifest, write_npz
+
+    settings = PreprocessSettings(num_frames=16, size=img_size)
+    document = settings_document(get_dataset("demo"), settings)
+    document["class_names"] = document["class_names"][:num_classes]
+    (root / "settings.json").write_text(json.dumps(document, indent=2, sort_keys=True))
+    rng = np.random.default_rng(seed)
+    rows, ids = [], []
+    for i in range(num_clips):
+        clip_id, label = f"clip{i:04d}", i % num_classes
+        boxes = rng.uniform(0.2, 0.6, size=(16, 4)).astype(np.float32)
+        write_npz(root / "clips" / f"{clip_id}.npz",
+                  frames=rng.integers(0, 256, size=(16, img_size, img_size, 3), dtype=np.uint8), boxes=boxes,
+                  landmarks=rng.uniform(0.2, 0.8, size=(16, 5, 2)).astype(np.float32),
+                  valid=np.ones(16, dtype=bool), label=np.int64(label), subject=np.array(f"{i % 4:02d}"))
+        rows.append({"clip": f"Actor_{i % 4:02d}/{clip_id}.mp4", "clip_id": clip_id, "status": "ok", "reason": "",
+                     "label": label, "label_name": document["class_names"][label], "subject": f"{i % 4:02d}",
+                     "valid_frames": 16, "padded": False, "cache_file": f"clips/{clip_id}.npz"})
+        ids.append(clip_id)
+    write_manifest(root, rows)
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# Measured epochs
+
+
+def _trial(setting: EpochSetting, cache: Path, data: tr.TrialData, feature_cache: str,
+           device: torch.device) -> tr.Trial:
+    cfg = tr.TrialConfig.from_flat({
+        "arch": setting.arch, "encoder": setting.encoder, "decoder": setting.decoder, "cache_dir": str(cache),
+        "batch_size": setting.batch_size, "feature_cache": feature_cache, "seed": 0, **dict(setting.overrides),
+    })
+    return tr.Trial(cfg, data, device)
+
+
+def _pure_steps(trial: tr.Trial, batches: list[list[int]]) -> Callable[[], None]:
+    """Decoder-and-heads steps on the epoch's batches, tokens and targets already in memory."""
+    targets = trial.data.splits["train"]
+    prepared = []
+    for index in batches:
+        batch = targets.batch(index)
+        tokens = torch.from_numpy(trial.source.store.read(batch["clip_id"])).to(trial.device).float()  # (B, N, C)
+        prepared.append((tokens, {k: batch[k].to(trial.device) for k in ("boxes", "landmarks", "valid", "label")}))
+    model, optimizer, loss_fn = trial.model, trial.optimizer, trial.loss_fn
+
+    def steps() -> None:
+        model.train()
+        for tokens, tgt in prepared:
+            with torch.autocast(trial.device.type, dtype=trial.amp_dtype or torch.float32,
+                                enabled=trial.amp_dtype is not None):
+                loss = loss_fn(model.forward_tokens(tokens), tgt)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    return steps
+
+
+def measure_epochs(setting: EpochSetting, device: torch.device | None = None) -> list[Result]:
+    """Time epochs with and without the feature cache and the pure step; two results."""
+    device = device or default_device()
+    with tempfile.TemporaryDirectory(prefix="mtcae_bench_trial_") as tmp:
+        cache = Path(tmp)
+        n_test = setting.batch_size
+        ids = write_cache(cache, setting.train_clips + setting.val_clips + n_test, setting.img_size,
+                          setting.num_classes)
+        splits = {"train": ids[: setting.train_clips],
+                  "val": ids[setting.train_clips : setting.train_clips + setting.val_clips],
+                  "test": ids[-n_test:]}
+        data = tr.trial_data_from_splits(cache, splits, "demo")
+        e2e = _trial(setting, cache, data, "off", device)
+        build_s = time_call(lambda: _trial(setting, cache, data, "on", device), device)  # encodes every clip
+        cached = _trial(setting, cache, data, "on", device)  # reuses the stored tokens
+        batches = tr.epoch_batches(setting.train_clips, setting.batch_size, seed=0, epoch=0)
+        pure = _pure_steps(cached, batches)
+        times = _time_rounds(cached, e2e, pure, setting.rounds)
+    return _epoch_results(setting, device, times, build_s, cached)
+
+
+def _time_rounds(cached: tr.Trial, e2e: tr.Trial, pure: Callable[[], None], rounds: int) -> dict[str, list[float]]:
+    """Alternate the measured calls, ``rounds`` times each; the first round doubles as warm-up and
+    the fastest sample of each call counts, so a disturbed round (or the warm-up) drops out."""
+    calls = {
+        "cached_train": lambda: cached.train_epoch(0),
+        "pure_steps": pure,  # right after the cached pass it is compared with
+        "cached_val": lambda: cached.evaluate("val"),
+        "e2e_train": lambda: e2e.train_epoch(0),
+        "e2e_val": lambda: e2e.evaluate("val"),
+    }
+    times: dict[str, list[float]] = {n: [] for n in calls}
+    for r in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(time_call(fn, cached.device))
+        log.info("trial epoch round %d: %s", r, {k: round(v[-1], 3) for k, v in times.items()})
+    return times
+
+
+def _epoch_results(setting: EpochSetting, device: torch.device, times: Mapping[str, list[float]],
+                   build_s: float, cached: tr.Trial) -> list[Result]:
+    cached_epoch = [t + v for t, v in zip(times["cached_train"], times["cached_val"])]
+    e2e_epoch = [t + v for t, v in zip(times["e2e_train"], times["e2e_val"])]
+    stats = {"cached_epoch": summarize_times(cached_epoch), "e2e_epoch": summarize_times(e2e_epoch),
+             **{k: summarize_times(v) for k, v in times.items()}}
+    speedup = stats["e2e_epoch"]["best_s"] / stats["cached_epoch"]["best_s"]
+    overhead = stats["pure_steps"]["best_s"] / stats["cached_train"]["best_s"]
+    paired = sorted(p / c for p, c in zip(times["pure_steps"], times["cached_train"]))
+    common = {"setting": {**asdict(setting), "num_tokens": cached.model.encoder.cfg.num_tokens,
+                          "device": str(device), "precision": tr.feat.dtype_name(cached.amp_dtype)},
+              "pure_over_cached_paired_median": paired[len(paired) // 2],
+              "feature_build_s": build_s, "feature_build_clips": setting.train_clips + setting.val_clips
+              + setting.batch_size, "times": stats}
+    return [
+        make_result(f"trial/epoch_feature_cache_speedup/{setting.label}", speedup, TARGET_CACHE_SPEEDUP,
+                    summary=f"epoch {stats['e2e_epoch']['best_s']:.3g} s end to end vs "
+                            f"{stats['cached_epoch']['best_s']:.3g} s from the feature cache "
+                            f"(one-off encoding {build_s:.3g} s)", **common),
+        make_result(f"trial/cached_epoch_vs_pure_step/{setting.label}", overhead, TARGET_STEP_OVERHEAD,
+                    summary=f"cached training pass {stats['cached_train']['best_s']:.3g} s vs pure decoder "
+                            f"steps {stats['pure_steps']['best_s']:.3g} s on the same batches "
+                            f"(x{1 / overhead:.3f})", **common),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Projected grid FLOPs
+
+
+def _flop_model(arch: str, encoder: str, decoder: str) -> MTCAEModel:
+    """A model with the right shapes for ``decoder_flops`` and no encoder blocks (cheap to build)."""
+    return build_model(arch, ModelConfig(encoder=encoder, decoder=decoder, encoder_overrides={"depth": 0}))
+
+
+def clip_flops(arch: str, encoder: str = "vit_large", decoder: str = "official") -> dict[str, int]:
+    """Analytic FLOPs per clip: encoder forward, decoders+heads forward, and a training step of them."""
+    model = _flop_model(arch, encoder, decoder)
+    forward = model.decoder_flops()
+    proj = 0 if model.proj is None else 2 * model.encoder.cfg.num_tokens * model.proj.in_features * model.proj.out_features
+    return {"encoder_forward": encoder_flops(encoder_config(encoder)), "decoder_forward": forward,
+            "decoder_step": 3 * (forward - proj) + 2 * proj}
+
+
+def grid_flops(
+    encoder: str = "vit_large",
+    decoder: str = "official",
+    datasets: Mapping[str, int] = PAPER_DATASET_CLIPS,
+    n_folds: int = PAPER_FOLDS,
+    epochs: int = PAPER_EPOCHS,
+    val_fraction: float = VAL_FRACTION,
+) -> dict[str, Any]:
+    """FLOPs of the full grid with and without the feature cache (see the module docstring).
+
+    Per fold a dataset of M clips splits into M/n_folds test clips and, of the rest, a
+    ``val_fraction`` share of validation clips; every epoch trains on the others and validates.
+    """
+    per_arch = {arch: clip_flops(arch, encoder, decoder) for arch in ARCHITECTURES}
+    enc = next(iter(per_arch.values()))["encoder_forward"]
+    decoders = encoder_passes = 0.0
+    for clips in datasets.values():
+        test = clips / n_folds
+        val = (clips - test) * val_fraction
+        train = clips - test - val
+        for f in per_arch.values():
+            decoders += n_folds * (epochs * (train * f["decoder_step"] + val * f["decoder_forward"])
+                                   + test * f["decoder_forward"])
+        encoder_passes += len(per_arch) * n_folds * (epochs * (train + val) + test)
+    without = decoders + enc * encoder_passes
+    with_cache = decoders + enc * sum(datasets.values())
+    return {"flops_without_cache": without, "flops_with_cache": with_cache, "ratio": without / with_cache,
+            "encoder_forward_per_clip": enc, "encoder_passes_without_cache": encoder_passes,
+            "encoder_passes_with_cache": float(sum(datasets.values())), "decoder_flops": decoders,
+            "per_clip": per_arch, "grid": {"datasets": dict(datasets), "archs": list(ARCHITECTURES),
+                                           "folds": n_folds, "epochs": epochs}}
+
+
+def grid_result() -> Result:
+    """The projected-FLOPs result at ViT-L (official decoders; the paper preset as raw numbers)."""
+    official, paper = grid_flops(decoder="official"), grid_flops(decoder="paper")
+    return make_result(
+        "trial/grid_flops_feature_cache/vit_large-official", official["ratio"], TARGET_GRID_FLOPS,
+        summary=f"{official['flops_without_cache']:.3g} vs {official['flops_with_cache']:.3g} FLOPs "
+                f"(paper decoder preset: x{paper['ratio']:.2f})",
+        official_decoder=official, paper_decoder=paper)
+
+
+def run(quick: bool, device: torch.device | None = None, setting: EpochSetting | None = None) -> list[Result]:
+    """Run the trial benchmark (``setting`` overrides the measured epoch, for tests)."""
+    setting = setting or (QUICK if quick else FULL)
+    log.info("trial epochs %s", setting.label)
+    return measure_epochs(setting, device) + [grid_result()]
