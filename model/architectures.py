@@ -16,6 +16,7 @@ from torch import nn
 
 from model.decoder import (
     DecoderConfig,
+    Dropout,
     MLPDecoder,
     ViTDecoder,
     decoder_config,
@@ -137,7 +138,7 @@ class MTCAEModel(nn.Module):
         self.decoders = nn.ModuleDict()
         if arch.decoder_kind is not None:
             # One bias-free projection shared by all decoders: K/V source and first query (4.2).
-            self.input_drop = nn.Dropout(dec_cfg.input_dropout)
+            self.input_drop = Dropout(dec_cfg.input_dropout)
             self.proj = nn.Linear(enc_cfg.embed_dim, dec_cfg.embed_dim, bias=False)
             decoder_cls = ViTDecoder if arch.decoder_kind == "vit" else MLPDecoder
             for name, _ in arch.stages:

@@ -85,11 +85,34 @@ def decoder_config(name: str | DecoderConfig, **overrides: object) -> DecoderCon
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with a cheaper keep-mask for float32 on CPU; same distribution, same module API.
+
+    Each element is kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``, as in
+    ``F.dropout``. On CPU, ``F.dropout`` draws its mask with ``bernoulli_``, which costs about twice
+    a uniform draw plus a comparison, and the decoder step applies dropout to every MLP activation
+    (benchmarks/decoder_step.py). The uniform is float32 (2^-24 resolution), as CUDA's dropout uses.
+    Elsewhere (CUDA, bf16/fp16, p in {0, 1}) it is ``F.dropout`` out of place, CUDA's fused kernel.
+
+    ``inplace=True`` *allows* overwriting the input (done on the CPU path): for fresh activations
+    that autograd does not keep, such as a GELU's output, it saves an allocation and a pass.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop elements of ``x`` in training mode."""
+        if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu" or x.dtype != torch.float32:
+            return F.dropout(x, self.p, self.training)
+        keep = torch.rand_like(x).ge_(self.p).div_(1.0 - self.p)  # Bernoulli(1 - p) / (1 - p)
+        return x.mul_(keep) if self.inplace else x * keep
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention with queries from one stream and keys/values from another.
 
-    K and V projections are fused into one matmul; attention runs through
-    ``F.scaled_dot_product_attention`` so a fused kernel never materialises the N x N matrix.
+    Attention runs through ``F.scaled_dot_product_attention``: a fused kernel (CUDA flash /
+    memory-efficient / cuDNN; CPU flash) never materialises the N x N matrix. On CPU no fused kernel
+    supports dropout on the probabilities, so training with ``attn_drop > 0`` takes PyTorch's math
+    path, which holds (B, h, N, N) probabilities and masks per layer for backward.
     """
 
     def __init__(self, cfg: DecoderConfig) -> None:
@@ -105,9 +128,15 @@ class CrossAttention(nn.Module):
         """Attend from ``x`` (B, Nq, D) to ``context`` (B, Nk, D); returns (B, Nq, D)."""
         B, Nq, _ = x.shape
         Nk = context.shape[1]
-        q = self.q(x).view(B, Nq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, Nq, d)
-        kv = self.kv(context).view(B, Nk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, Nk, d)
-        k, v = kv.unbind(0)
+        h, d = self.num_heads, self.head_dim
+        q = self.q(x).view(B, Nq, h, d).transpose(1, 2)  # (B, h, Nq, d)
+        # K and V as two matmuls on the halves of the one ``kv`` weight (the checkpoint layout):
+        # each (B, Nk, h, d) output is the layout the kernel's dK/dV come back in, so backward needs
+        # no copy re-packing them into an interleaved (B, Nk, 2, h, d) gradient.
+        w_k, w_v = self.kv.weight.chunk(2)
+        b_k, b_v = self.kv.bias.chunk(2) if self.kv.bias is not None else (None, None)
+        k = F.linear(context, w_k, b_k).view(B, Nk, h, d).transpose(1, 2)  # (B, h, Nk, d)
+        v = F.linear(context, w_v, b_v).view(B, Nk, h, d).transpose(1, 2)  # (B, h, Nk, d)
         z = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj(z.transpose(1, 2).reshape(B, Nq, -1))  # (B, Nq, D)
 
@@ -120,7 +149,7 @@ class DecoderMlp(nn.Module):
         hidden = int(cfg.embed_dim * cfg.mlp_ratio)
         self.fc1 = nn.Linear(cfg.embed_dim, hidden)
         self.fc2 = nn.Linear(hidden, cfg.embed_dim)
-        self.drop = nn.Dropout(cfg.drop_rate)
+        self.drop = Dropout(cfg.drop_rate, inplace=True)  # only ever applied to fresh activations
         self.out_act = cfg.mlp_out_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -186,3 +186,38 @@ def test_cli_bench_and_module_entry_point_share_run_all(fake_suite: list[bool], 
     assert "ERROR  fake_bad" in capsys.readouterr().out
     assert fake_suite == [True]
     assert cli_main(["bench", "--only", "nope", "--out", str(tmp_path)]) == 2
+
+
+# The performance changes in model/ must not change what the model computes.
+
+
+def test_fast_cpu_dropout_has_dropout_semantics() -> None:
+    from model.decoder import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.3)
+    x = (torch.rand(1_000_000) + 1.0).requires_grad_()
+    y = drop(x)
+    kept = y != 0
+    assert abs(1.0 - kept.float().mean().item() - 0.3) < 0.003
+    torch.testing.assert_close(y[kept], x[kept] / 0.7)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)
+    assert drop.eval()(x) is x
+    inplace = Dropout(0.5, inplace=True).train()
+    z = torch.ones(1000)
+    assert inplace(z) is z and set(z.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_model_gradients_equal_the_eager_baselines_without_dropout() -> None:
+    dec = DecoderConfig(embed_dim=16, depth=2, num_heads=2, head_dim=8, drop_rate=0.0, attn_drop=0.0,
+                        input_dropout=0.0)
+    system, baseline, model, _ = ds.build_runners(toy_step(decoder=dec), CPU)
+    grads = []
+    for runner in (system, baseline):
+        runner.model.heads.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
+        runner.loss_fn(runner.forward(runner.tokens), runner.batch)["loss"].backward()
+        grads.append({n: p.grad for n, p in runner.model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
