@@ -266,7 +266,10 @@ def error_result(name: str, exc: BaseException) -> Result:
 
 
 def normalize_result(result: Mapping[str, Any], source: str) -> Result:
-    """Check a result from any benchmark module and fill in ``passed``.
+    """Check a result from any benchmark module and fill in ``passed`` and ``source``.
+
+    A result with an ``error`` key (a part of the benchmark that could not run) passes through with
+    ``ratio`` and ``target`` None and ``passed`` False.
 
     Raises:
         ValueError: A required key is missing or ``ratio``/``target`` is not a finite number.
@@ -275,6 +278,8 @@ def normalize_result(result: Mapping[str, Any], source: str) -> Result:
     if missing:
         raise ValueError(f"benchmark {source!r} returned a result without {sorted(missing)}: {dict(result)}")
     out = dict(result)
+    if out.get("error"):
+        return {**out, "ratio": None, "target": None, "passed": False, "source": out.get("source", source)}
     for key in ("ratio", "target"):
         value = out[key]
         if not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -98,10 +98,17 @@ def test_step_updates_every_trainable_parameter() -> None:
     assert all(not torch.equal(b, p) for b, p in zip(before, model.trainable_parameters(), strict=True))
 
 
-def test_baseline_memory_guard_names_the_need() -> None:
-    setting = ds.StepSetting("paper", batch_size=4096)
+def test_a_setting_too_big_for_the_machine_is_an_error_entry_not_an_abort() -> None:
+    too_big = ds.StepSetting("paper", batch_size=4096)
     with pytest.raises(MemoryError, match="GiB"):
-        ds.run_setting(setting, CPU)
+        ds.run_setting(too_big, CPU)
+    results = ds.run(quick=False, device=CPU, settings=[too_big, toy_step()], peak_size=PEAK_SIZE)
+    assert [r["name"] for r in results] == ["decoder_step/paper/b4096/fp32/attn_drop0.3",
+                                            "decoder_step/custom/b2/fp32/attn_drop0.3",
+                                            "decoder_step/custom/b2/fp32/attn_drop0.3/fraction_of_peak"]
+    assert "MemoryError" in results[0]["error"] and results[0]["passed"] is False
+    normalized = common.normalize_result(results[0], "decoder_step")
+    assert normalized["ratio"] is None and normalized["passed"] is False
 
 
 def test_encoder_runs_and_matches_its_baseline() -> None:
