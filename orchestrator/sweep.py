@@ -166,6 +166,8 @@ def run_cell(config: dict, context: CellContext) -> None:
     The trainable reports to Tune itself (``tune.report`` per epoch, with a checkpoint) and resumes
     from ``tune.get_checkpoint()``; this wrapper only adds the sweep's bookkeeping keys.
     """
+    # One INFO line per checkpoint from Ray's storage layer would drown the trainable's own log.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     context.resolve_trainable()(context.trial_config(config))
 
 
@@ -437,10 +439,13 @@ class SweepProgress(tune.Callback):
         groups: dict[str, list[Any]] = {}
         for trial in trials:
             groups.setdefault(_trial_label(trial.config), []).append(trial)
-        counts = _status_counts(trials)
-        lines = [f"[{self.sweep}] stage {self.stage}: {counts}"]
+        if len(groups) == 1:
+            (label, members), = groups.items()
+            return (f"[{self.sweep}] {self.stage} {label}: {_status_counts(members)}  "
+                    f"{self._best_text(members)}").rstrip()
+        lines = [f"[{self.sweep}] {self.stage}: {_status_counts(trials)}"]
         for label, members in groups.items():
-            lines.append(f"  {label:<28} {_status_counts(members):<44} {self._best_text(members)}")
+            lines.append(f"  {label:<28} {_status_counts(members):<44} {self._best_text(members)}".rstrip())
         return "\n".join(lines)
 
     def _log(self, trials: Sequence[Any], force: bool = False) -> None:
@@ -619,43 +624,69 @@ def mlflow_ui_command(tracking_uri: str) -> str:
 # Environment: Ray, resources, storage, MLflow parents, caches
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to a cluster (``address``, ``$RAY_ADDRESS``) or start a local Ray instance.
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
+    """Connect to a cluster (``address``, else ``$RAY_ADDRESS``) or start a local Ray instance.
+
+    Args:
+        address: ``auto`` or ``host:port`` of a cluster; ``local`` forces a new local instance.
+        num_cpus: CPUs of a local instance (default: all).
 
     Returns:
-        True when this call started Ray (the caller shuts it down), False when it was already up.
+        ``"existing"`` when Ray was already initialised (the caller leaves it running),
+        ``"cluster"`` or ``"local"`` when this call connected or started it (the caller shuts it down).
     """
     import ray
 
     if ray.is_initialized():
-        return False
+        return "existing"
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # Ray 2.60 turns token auth on for local instances; a single-machine sweep needs none.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
-    return True
+    if address and address != "local":
+        ray.init(address=address)
+        return "cluster"
+    # Ray 2.60 turns token auth on for local instances; a single-machine sweep needs none.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local" if address else None, num_cpus=num_cpus, include_dashboard=False)
+    return "local"
 
 
 def trial_resources(space: SweepSpace, gpus_per_trial: float | None, local: bool) -> dict[str, float]:
     """CPU/GPU request of one trial.
 
-    ``gpu: auto`` asks for one GPU when the cluster has GPUs now; an autoscaling cluster that
-    starts without GPU workers needs an explicit ``--gpus-per-trial``. On a local Ray instance the
-    CPU request is capped at the machine's CPUs so trials can start at all.
+    ``gpu: auto`` asks for one GPU when the cluster has GPUs now or its launcher config offers GPU
+    workers (an autoscaling cluster starts without any); ``gpus_per_trial`` overrides the space. On
+    a local Ray instance the CPU request is capped at the machine's CPUs so trials can start at all.
     """
     import ray
 
     available = ray.cluster_resources()
     gpu = space.resources.gpu if gpus_per_trial is None else gpus_per_trial
     if gpu == "auto":
-        gpu = 1.0 if available.get("GPU", 0) > 0 else 0.0
+        gpu = 1.0 if available.get("GPU", 0) > 0 or _autoscaler_offers_gpus() else 0.0
+        if not gpu and not local:
+            logger.warning("the cluster has no GPUs now and its autoscaler offers none: trials run "
+                           "on CPUs (pass --gpus-per-trial 1 to wait for GPU workers)")
     cpu = space.resources.cpu
-    if local:
-        cpu = min(cpu, float(available.get("CPU", cpu)))
+    if local and available.get("CPU", 0) > 0:
+        cpu = min(cpu, float(available["CPU"]))
     return {"cpu": cpu, "gpu": float(gpu)}
+
+
+def _autoscaler_offers_gpus(config: Path = Path("~/ray_bootstrap_config.yaml")) -> bool:
+    """Whether the cluster launcher's config on this head node has a node type with GPUs.
+
+    An autoscaling cluster starts with no GPU workers; the launcher writes its config (node types
+    with their resources filled in) to ``~/ray_bootstrap_config.yaml`` on the head.
+    """
+    import yaml
+
+    path = config.expanduser()
+    if not path.is_file():
+        return False
+    try:
+        types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
+    except (OSError, yaml.YAMLError):
+        return False
+    return any((t.get("resources") or {}).get("GPU", 0) > 0 for t in types.values())
 
 
 def _join_storage(root: str, *parts: str) -> str:
@@ -716,23 +747,19 @@ def _log_to_run(tracking_uri: str, run_id: str, params: Mapping[str, Any] = (),
         client.set_terminated(run_id, status=status)
 
 
-def prepare_caches(
-    space: SweepSpace, cache_root: Path, data_root: Path | None, check: bool = True
-) -> None:
-    """Make sure every dataset of the space has a preprocessing cache under ``cache_root``.
-
-    With ``data_root``, ``<data_root>/<dataset>`` is preprocessed into ``<cache_root>/<dataset>``
-    (the preprocessor skips clips already cached with the same settings). Without it the caches
-    must exist already.
+def check_caches_exist(space: SweepSpace, cache_root: Path, data_root: Path | None) -> None:
+    """Fail early when a dataset has no preprocessing cache and no raw videos to build one from.
 
     Raises:
-        SweepError: A cache is missing and cannot be built.
+        SweepError: Naming the dataset, the expected cache folder and how to create it.
     """
     for dataset in space.datasets:
         target = cache_root / dataset
         if data_root is not None:
-            _preprocess(dataset, data_root / dataset, target, space.preprocess)
-        elif check and not (target / "manifest.csv").is_file():
+            if not (data_root / dataset).is_dir():
+                raise SweepError(f"raw videos for dataset {dataset!r} not found at {data_root / dataset} "
+                                 "(--data-root must hold one folder per dataset)")
+        elif not (target / "manifest.csv").is_file():
             raise SweepError(
                 f"no preprocessing cache for dataset {dataset!r} at {target} (manifest.csv missing); "
                 f"pass --data-root DIR with the raw videos under DIR/{dataset}, or run "
@@ -740,15 +767,30 @@ def prepare_caches(
             )
 
 
-def _preprocess(dataset: str, raw: Path, target: Path, settings: Mapping[str, Any]) -> None:
-    if not raw.is_dir():
-        raise SweepError(f"raw videos for dataset {dataset!r} not found at {raw} "
-                         f"(--data-root must contain one folder per dataset)")
+def build_caches(space: SweepSpace, cache_root: Path, data_root: Path) -> None:
+    """Preprocess ``<data_root>/<dataset>`` into ``<cache_root>/<dataset>`` for every dataset.
+
+    Clips already cached with the same settings are skipped, so this is cheap on a re-run; with Ray
+    initialised the clips are processed as Ray tasks across the cluster.
+
+    Raises:
+        SweepError: The cache holds other settings, or no clip of a dataset is usable.
+    """
     from orchestrator import preprocess
 
-    layout = "ravdess" if dataset == "demo" else dataset  # the demo data use RAVDESS' layout
-    logger.info("preprocessing %s (%s layout) from %s into %s", dataset, layout, raw, target)
-    preprocess.preprocess_dataset(layout, raw, target, **dict(settings))
+    known = {f.name for f in dataclasses.fields(preprocess.PreprocessSettings)}
+    settings = preprocess.PreprocessSettings(**{k: v for k, v in space.preprocess.items() if k in known})
+    for dataset in space.datasets:
+        target = cache_root / dataset
+        logger.info("preprocessing %s from %s into %s", dataset, data_root / dataset, target)
+        try:
+            summary = preprocess.run_preprocess(dataset, data_root / dataset, target, settings,
+                                                workers=space.preprocess.get("workers"))
+        except preprocess.CacheSettingsError as err:
+            raise SweepError(f"{err} (use another --cache, or delete {target} to rebuild it)") from err
+        logger.info("%s", summary.format())
+        if summary.usable == 0:
+            raise SweepError(f"no usable clip of dataset {dataset!r} in {target}; see its manifest.csv")
 
 
 # --------------------------------------------------------------------------------------------
@@ -948,26 +990,45 @@ def run_sweep(
     state = _open_state(sweep_dir, space, name, resume)
     settings = _settings(state, out, storage, cache, tracking_uri, experiment, name)
     state.settings = settings
-    prepare_caches(space, Path(settings["cache"]), _path_or_none(data_root), check_caches)
+    data_root = _path_or_none(data_root)
+    if check_caches:
+        check_caches_exist(space, Path(settings["cache"]), data_root)
     parents = create_parent_runs(settings["tracking_uri"], settings["experiment"], name, space)
     _start_parent_runs(settings["tracking_uri"], parents, space, state)
     state.save()
     logger.info("sweep %s: Tune storage %s, MLflow %s (experiment %r)", name,
                 _join_storage(settings["storage"], name), settings["tracking_uri"], settings["experiment"])
-    started = init_ray(address, num_cpus)
+    # Checkpointing every short epoch with num_to_keep=1 forces frequent experiment snapshots; Tune
+    # warns about each, harmlessly (it only matters for huge experiments).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    mode = init_ray(address, num_cpus)
     try:
+        if data_root is not None:
+            build_caches(space, Path(settings["cache"]), data_root)
         run = _make_run(space, name, settings, sweep_dir, state, parents, trainable, gpus_per_trial,
-                        local=started and not address, reuse_actors=reuse_actors,
+                        local=_is_local(mode), reuse_actors=reuse_actors,
                         progress_interval_s=progress_interval_s)
         result = _run_stages(run, parents, stages)
     finally:
-        if started:
+        if mode != "existing":
             import ray
 
             ray.shutdown()
     if result.complete and write_tables:
         _write_tables(result, out)
     return result
+
+
+def _is_local(mode: str) -> bool:
+    """Whether trials run on this machine only (a local instance, or an existing one without nodes
+    elsewhere)."""
+    if mode != "existing":
+        return mode == "local"
+    import ray
+
+    if Path("~/ray_bootstrap_config.yaml").expanduser().exists():  # a launcher cluster's head
+        return False
+    return len({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}) <= 1
 
 
 def _resolve_space(
@@ -1170,6 +1231,9 @@ def run_demo(out: Path | str = DEFAULT_OUT, num_cpus: int | None = None,
     raw = out / "data" / "demo"
     if not raw.is_dir():
         logger.info("writing the synthetic demo dataset to %s", raw)
-        demo_data.write_demo_dataset(raw)
+        partial = raw.with_name(raw.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        demo_data.generate_demo_dataset(partial)
+        partial.rename(raw)  # a dataset that exists is complete
     return run_sweep(find_search_space("smoke"), out=out, data_root=out / "data",
-                     num_cpus=num_cpus, trainable=trainable, address=None)
+                     num_cpus=num_cpus, trainable=trainable, address="local")

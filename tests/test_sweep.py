@@ -339,3 +339,71 @@ def test_group_seeds_differ_and_are_stable() -> None:
     seeds = {group_seed(0, d, a) for d in ("ravdess", "mead") for a in ("stl", "cascaded_vit")}
     assert len(seeds) == 4 and group_seed(0, "mead", "stl") == group_seed(0, "mead", "stl")
     assert group_seed(1, "mead", "stl") != group_seed(0, "mead", "stl")
+
+
+@pytest.mark.slow
+def test_asha_prunes_stopped_configurations_within_a_group(ray_local, tmp_path: Path) -> None:
+    import optuna
+
+    asha_space = SPACE.replace("archs: [stl, cascaded_vit]", "archs: [cascaded_vit]").replace(
+        "epochs: %d" % EPOCHS, "epochs: 4").replace("num_samples: 2\n  folds: [0, 1]",
+        "num_samples: 4\n  folds: [0]\n  scheduler: {type: asha, grace_period: 1, reduction_factor: 2}")
+    space_file, _ = _setup(tmp_path)
+    space_file.write_text(asha_space)
+    result = _sweep(space_file, tmp_path, stages=["search"])
+    study = optuna.load_study(study_name="demo__cascaded_vit",
+                              storage=f"sqlite:///{tmp_path / 'out' / 'sweeps' / 'fake' / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert len(states) == 4 and optuna.trial.TrialState.PRUNED in states, states
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value)
+    assert result.chosen["demo__cascaded_vit"]["params"] == best.params
+    assert best.value == pytest.approx(fake_val_uar({"arch": "cascaded_vit", "fold": 0, **best.params}, 3))
+
+
+def test_progress_view_counts_statuses_and_best_mean_per_group() -> None:
+    from types import SimpleNamespace
+
+    from orchestrator.sweep import SweepProgress
+
+    def trial(arch: str, status: str, index: int, fold: int, best: float) -> SimpleNamespace:
+        config = {"dataset": "demo", "arch": arch, "fold": fold, "config_index": index}
+        return SimpleNamespace(config=config, status=status, metric_analysis={"val_uar": {"max": best}},
+                               last_result={})
+
+    trials = [trial("stl", "TERMINATED", 0, 0, 0.4), trial("stl", "TERMINATED", 0, 1, 0.6),
+              trial("stl", "TERMINATED", 1, 0, 0.9), trial("stl", "RUNNING", 1, 1, 0.1),
+              trial("cascaded_vit", "ERROR", 0, 0, 0.2), trial("cascaded_vit", "PENDING", 0, 1, 0.0)]
+    text = SweepProgress("s", "search", "val_uar", "max", folds_per_config=2).render(trials)
+    lines = text.splitlines()
+    assert lines[0] == "[s] search: 1 running, 3 done, 1 failed, 1 pending"
+    assert "demo/stl" in lines[1] and "3 done" in lines[1] and "best val_uar 0.5000 (config 0, 2 folds)" in lines[1]
+    assert "demo/cascaded_vit" in lines[2] and "1 failed" in lines[2] and "best" not in lines[2]
+
+
+def test_autoscaler_gpu_detection_reads_the_launcher_config(tmp_path: Path) -> None:
+    from orchestrator.sweep import _autoscaler_offers_gpus
+
+    config = tmp_path / "ray_bootstrap_config.yaml"
+    assert not _autoscaler_offers_gpus(config)
+    config.write_text("available_node_types:\n  head: {resources: {CPU: 0}}\n"
+                      "  gpu_worker: {resources: {CPU: 8, GPU: 1}}\n")
+    assert _autoscaler_offers_gpus(config)
+    config.write_text("available_node_types:\n  head: {resources: {CPU: 0}}\n  cpu: {resources: {CPU: 8}}\n")
+    assert not _autoscaler_offers_gpus(config)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["sweep", "{space}"], "archs[1]: unknown value 'cascade_vit'"),
+    (["sweep", "--resume", "nothing-here"], "no sweep named 'nothing-here'"),
+    (["sweep"], "give a search space file"),
+])
+def test_cli_reports_bad_input_without_scheduling(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   argv: list[str], fragment: str) -> None:
+    from orchestrator.cli import main
+
+    space_file = tmp_path / "broken.yaml"
+    space_file.write_text(SPACE.replace("[stl, cascaded_vit]", "[stl, cascade_vit]"))
+    code = main([a.format(space=space_file) for a in argv] + ["--out", str(tmp_path / "out")])
+    assert code == 2
+    assert fragment in capsys.readouterr().err
