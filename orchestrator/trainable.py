@@ -883,6 +883,10 @@ def run_trial(
     tracker = make_trial_logger(cfg)
     try:
         final = _loop(trial, reporter, tracker, progress)
+    except (SystemExit, KeyboardInterrupt):  # Tune stops a trial with sys.exit(0) inside tune.report
+        if tracker is not None:
+            tracker.finish("KILLED")
+        raise
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")
@@ -909,16 +913,16 @@ def _loop(trial: Trial, reporter: Reporter | None, tracker: TrialLogger | None, 
         raise ValueError(f"trial config epochs={cfg.epochs}: nothing to train")
     test_metrics, meter = trial.test()
     final = metrics | test_metrics
-    _report(trial, final, reporter, tracker)
-    if tracker is not None:
+    if tracker is not None:  # before the last report: Tune may end the trial inside tune.report
         tracker.log_final(test_metrics, meter.y_true, meter.y_pred, trial.data.class_names, meter.clip_ids)
+    _report(trial, final, reporter, tracker)
     logger.info("test (best epoch %d): uar %.4f war %.4f", final["best_epoch"], final["test_uar"], final["test_war"])
     return final
 
 
 def _report(trial: Trial, metrics: dict[str, float], reporter: Reporter | None,
             tracker: TrialLogger | None) -> None:
-    """Checkpoint, then report to the reporter and to MLflow."""
+    """Log the epoch to MLflow, then save a checkpoint and hand both to the reporter."""
     if tracker is not None:
         tracker.log_epoch({k: v for k, v in metrics.items() if k in EPOCH_METRICS and k != "epoch"},
                           int(metrics["epoch"]))

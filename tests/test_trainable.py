@@ -331,7 +331,8 @@ def test_trial_benchmark_runs_at_toy_size() -> None:
     assert len(results) == 3 and "cache" in names[0]
     for r in results:
         assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["target"] > 0
-    assert results[0]["feature_build_clips"] == 8 + 4 + 4
+    assert results[0]["feature_build_clips"] == 8 + 4 + 1
+    assert results[0]["analytic_flops"]["ratio"] > 1
 
 
 def test_grid_flops_count_encoder_passes() -> None:
