@@ -245,7 +245,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from orchestrator.search_space import SearchSpaceError
-    from orchestrator.sweep import SweepError, run_sweep
+    from orchestrator.sweep import SweepError, SweepInterrupted, run_sweep
 
     name = args.resume if isinstance(args.resume, str) else args.name
     stages = ("search", "cv") if args.stage == "all" else (args.stage,)
@@ -256,6 +256,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
             experiment=args.experiment, address=args.address, num_cpus=args.num_cpus,
             gpus_per_trial=args.gpus_per_trial, stages=stages, write_tables=not args.no_tables,
         )
+    except SweepInterrupted as err:
+        print(f"mtcae sweep: {err}", file=sys.stderr)
+        return 130
     except (SearchSpaceError, SweepError) as err:
         print(f"mtcae sweep: {err}", file=sys.stderr)
         return 2
@@ -281,13 +284,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import SweepError, run_demo
+    from orchestrator.sweep import SweepError, SweepInterrupted, run_demo
 
     try:
         result = run_demo(args.out, num_cpus=args.num_cpus)
     except SweepError as err:
         print(f"mtcae demo: {err}", file=sys.stderr)
-        return 2
+        return 130 if isinstance(err, SweepInterrupted) else 2
     if result.tables_markdown:
         print(result.tables_markdown)
     print(result.summary())

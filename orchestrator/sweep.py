@@ -79,6 +79,10 @@ class SweepError(RuntimeError):
     """A sweep cannot start or cannot finish; the message says what to do."""
 
 
+class SweepInterrupted(SweepError):
+    """The sweep was stopped (Ctrl+C) before a stage finished; re-running continues it."""
+
+
 # --------------------------------------------------------------------------------------------
 # Names and keys
 
@@ -828,12 +832,25 @@ class _Run:
         return tune.with_resources(tune.with_parameters(run_cell, context=context), self.resources)
 
 
-def _fit(path: str, trainable: Any, make_tuner: Callable[[], Any]) -> Any:
-    """Restore the Tuner at ``path`` if it was started before (errored trials too), else start it."""
+def _fit(path: str, trainable: Any, make_tuner: Callable[[], Any], expected: int, sweep: str) -> Any:
+    """Restore the Tuner at ``path`` if it was started before (errored trials too), else start it.
+
+    Raises:
+        SweepInterrupted: Tune stopped before all ``expected`` trials finished (Ctrl+C / SIGINT:
+            Tune saves its state and returns early).
+    """
     if tune.Tuner.can_restore(path):
         logger.info("resuming Tune experiment %s", path)
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
-    return make_tuner().fit()
+        grid = tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
+    else:
+        grid = make_tuner().fit()
+    finished = grid.num_terminated + grid.num_errors
+    if finished < expected:
+        raise SweepInterrupted(
+            f"sweep {sweep!r} was interrupted ({finished} of {expected} trials of {path} finished); "
+            f"re-run the same command, or `mtcae sweep --resume {sweep}`, to continue"
+        )
+    return grid
 
 
 def _run_search_group(run: _Run, dataset: str, arch: str) -> dict[str, Any]:
@@ -870,7 +887,8 @@ def _run_search_group(run: _Run, dataset: str, arch: str) -> dict[str, Any]:
 
     logger.info("[%s] stage search, group %s: %d configurations x %d folds", run.name, key,
                 search.num_samples, len(search.folds))
-    _fit(_join_storage(run.storage, run.name, name), trainable, make_tuner)
+    _fit(_join_storage(run.storage, run.name, name), trainable, make_tuner,
+         search.num_samples * len(search.folds), run.name)
     params, score, completed = best_configuration(storage_url, key, space.mode)
     return {"done": True, "params": params, "score": score, "completed": completed}
 
@@ -905,7 +923,8 @@ def _run_cv(run: _Run, chosen: Mapping[str, Mapping[str, Any]]) -> Any:
 
     logger.info("[%s] stage cv: %d datasets x %d archs x %d folds", run.name, len(space.datasets),
                 len(space.archs), len(space.folds))
-    return _fit(path, trainable, make_tuner)
+    expected = len(space.datasets) * len(space.archs) * len(space.folds)
+    return _fit(path, trainable, make_tuner, expected, run.name)
 
 
 def _cv_rows(results: Any) -> list[dict[str, Any]]:

@@ -5,7 +5,8 @@ the flat trial config (unknown keys are an error), reports ``val_*`` metrics and
 with a checkpoint, resumes from ``tune.get_checkpoint()``, logs its own MLflow run through
 ``orchestrator.tracking`` and reports ``test_uar``/``test_war`` at the end. It talks to the tests
 through files in its ``cache_dir`` (the sweep gives every trial ``<cache root>/<dataset>``):
-``calls.jsonl`` records every start, ``crash.json`` makes chosen trials raise.
+``calls.jsonl`` records every start, ``crash.json`` makes a chosen trial raise, or interrupt the
+driver the way Ctrl+C does (SIGINT to the pid in ``driver.pid``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import tempfile
+import time
 import textwrap
 from pathlib import Path
 
@@ -98,16 +101,24 @@ def _append(path: Path, record: dict) -> None:
 
 
 def _maybe_crash(channel: Path, config: dict, epoch: int) -> None:
-    """Raise when ``crash.json`` selects this trial at this epoch (``once``: only the first time)."""
+    """Act when ``crash.json`` selects this trial at this epoch (``once``: only the first time).
+
+    ``action: raise`` (default) fails the trial; ``action: interrupt`` sends SIGINT to the driver
+    (Tune stops the experiment gracefully, as on Ctrl+C) and waits to be stopped with it.
+    """
     rule_file = channel / "crash.json"
     if not rule_file.is_file():
         return
     rule = json.loads(rule_file.read_text())
     selected = all(config[k] == rule[k] for k in ("stage", "arch", "fold")) and epoch == rule["epoch"]
     marker = channel / f"crashed-{config['stage']}-{config['arch']}-{config['fold']}"
-    if selected and not (rule["once"] and marker.exists()):
-        marker.touch()
-        raise RuntimeError(f"injected crash at epoch {epoch}")
+    if not selected or (rule["once"] and marker.exists()):
+        return
+    marker.write_text(config["trial_key"])
+    if rule.get("action") == "interrupt":
+        os.kill(int((channel / "driver.pid").read_text()), signal.SIGINT)
+        time.sleep(60)
+    raise RuntimeError(f"injected crash at epoch {epoch}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,38 +263,67 @@ def test_crashed_trial_is_retried_from_its_checkpoint(smoke) -> None:
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(ray_local, tmp_path: Path) -> None:
-    # Final-CV trial (cascaded_vit, fold 0) fails at epoch 2 on every attempt: the sweep stops
-    # incomplete, like a sweep interrupted there.
-    crash = {"stage": "cv", "arch": "cascaded_vit", "fold": 0, "epoch": 2, "once": False}
+    from orchestrator.sweep import SweepInterrupted
+
+    # Ctrl+C (SIGINT to this process, the driver) while search trial (cascaded_vit, fold 1) is in
+    # epoch 1: the stl group has finished, the cascaded_vit group is part-way.
+    crash = {"stage": "search", "arch": "cascaded_vit", "fold": 1, "epoch": 1, "once": True,
+             "action": "interrupt"}
     space_file, channel = _setup(tmp_path, crash)
-
-    first = _sweep(space_file, tmp_path, stages=["search"])
-    assert not first.complete and len(first.chosen) == 2
-    assert len(_calls(channel)) == 8
-
-    second = _sweep(space_file, tmp_path)
-    assert not second.complete
-    assert [r["status"] for r in second.cv_rows].count("failed") == 1
-    calls = _calls(channel)
-    assert all(c["stage"] == "cv" for c in calls[8:])  # the finished search was not re-run
+    (channel / "driver.pid").write_text(str(os.getpid()))
+    with pytest.raises(SweepInterrupted, match="re-run the same command"):
+        _sweep(space_file, tmp_path)
     state = json.loads((tmp_path / "out" / "sweeps" / "fake" / "state.json").read_text())
-    assert state["cv_done"] is False
+    assert state["groups"]["demo__stl"]["done"] and "demo__cascaded_vit" not in state["groups"]
+    before = _calls(channel)
+    finished_before = {c["trial_key"] for c in before if "/stl/" in c["trial_key"]}
+    assert len(finished_before) == 4
 
-    (channel / "crash.json").unlink()
-    third = _sweep(space_file, tmp_path, resume=True)
-    assert third.complete and third.chosen == second.chosen
-    resumed = _calls(channel)[len(calls):]
-    assert len(resumed) == 1 and resumed[0]["start"] == 2  # only the failed trial, from its checkpoint
-    client, runs = _runs(third)
+    result = _sweep(space_file, tmp_path, resume=True)
+    assert result.complete
+    after = _calls(channel)[len(before):]
+    assert not finished_before & {c["trial_key"] for c in after}  # finished trials did not run again
+    interrupted = (channel / "crashed-search-cascaded_vit-1").read_text()
+    assert [c["start"] for c in after if c["trial_key"] == interrupted] == [1]  # from its checkpoint
+    client, runs = _runs(result)
     stages = _by_stage(runs)
     assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8, "cv": 4}
     keys = [r.data.tags["trial_key"] for r in runs]
     assert len(keys) == len(set(keys))
+    assert all(r.info.status == "FINISHED" for r in runs)
     _assert_no_duplicate_steps(client, stages["search"] + stages["cv"])
+    import optuna
 
-    fourth = _sweep(space_file, tmp_path)  # everything finished: nothing runs again
-    assert fourth.complete and len(_calls(channel)) == len(calls) + 1
-    assert len(_runs(fourth)[1]) == len(runs)
+    study = optuna.load_study(study_name="demo__cascaded_vit",
+                              storage=f"sqlite:///{tmp_path / 'out' / 'sweeps' / 'fake' / 'optuna.db'}")
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"]
+
+
+@pytest.mark.slow
+def test_failed_final_cv_trial_is_retried_on_rerun(ray_local, tmp_path: Path) -> None:
+    # Final-CV trial (cascaded_vit, fold 0) fails at epoch 2 on every attempt (max_failures=1).
+    crash = {"stage": "cv", "arch": "cascaded_vit", "fold": 0, "epoch": 2, "once": False}
+    space_file, channel = _setup(tmp_path, crash)
+    first = _sweep(space_file, tmp_path)
+    assert not first.complete
+    assert [r["status"] for r in first.cv_rows].count("failed") == 1
+    state = json.loads((tmp_path / "out" / "sweeps" / "fake" / "state.json").read_text())
+    assert state["cv_done"] is False and len(state["groups"]) == 2
+    calls = _calls(channel)
+
+    (channel / "crash.json").unlink()
+    second = _sweep(space_file, tmp_path)
+    assert second.complete and second.chosen == first.chosen
+    resumed = _calls(channel)[len(calls):]
+    assert len(resumed) == 1 and resumed[0]["start"] == 2  # only the failed trial, from its checkpoint
+    client, runs = _runs(second)
+    stages = _by_stage(runs)
+    assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8, "cv": 4}
+    _assert_no_duplicate_steps(client, stages["cv"])
+
+    third = _sweep(space_file, tmp_path)  # everything finished: nothing runs again
+    assert third.complete and len(_calls(channel)) == len(calls) + 1
+    assert len(_runs(third)[1]) == len(runs)
 
 
 @pytest.mark.slow
