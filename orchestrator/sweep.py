@@ -462,7 +462,9 @@ class SweepProgress(tune.Callback):
         if self.stage == STAGE_CV:
             values = [_last(t, FINAL_MARKER) for t in trials if t.status == "TERMINATED"]
             values = [v for v in values if v is not None]
-            return f"mean {FINAL_MARKER} {sum(values) / len(values):.4f} over {len(values)} folds" if values else ""
+            if not values:
+                return ""
+            return f"mean {FINAL_MARKER} {sum(values) / len(values):.4f} over {len(values)} folds"
         by_config: dict[Any, list[float]] = {}
         for trial in trials:
             value = _best_value(trial, self.metric, self.mode)
@@ -620,7 +622,8 @@ def _cv_means(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def mlflow_ui_command(tracking_uri: str) -> str:
     """The command that opens the MLflow UI on a tracking URI."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri} (on a cluster: ray attach cluster.yaml -p 5000, then http://localhost:5000)"
+        return (f"open {tracking_uri} (from a laptop: ray attach cluster.yaml -p 5000, then "
+                "http://localhost:5000)")
     return f"mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)"
 
 
@@ -1159,7 +1162,8 @@ def _run_stages(run: _Run, parents: _Parents, stages: Sequence[str]) -> SweepRes
     result.complete = run.state.cv_done
     if failed:
         logger.error("[%s] %d final-CV trials failed; re-run the same command (or mtcae sweep "
-                     "--resume %s) to retry them from their last checkpoints", run.name, len(failed), run.name)
+                     "--resume %s) to retry them from their last checkpoints", run.name, len(failed),
+                     run.name)
     return result
 
 

@@ -17,7 +17,6 @@ import os
 import signal
 import tempfile
 import time
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -324,6 +323,22 @@ def test_failed_final_cv_trial_is_retried_on_rerun(ray_local, tmp_path: Path) ->
     third = _sweep(space_file, tmp_path)  # everything finished: nothing runs again
     assert third.complete and len(_calls(channel)) == len(calls) + 1
     assert len(_runs(third)[1]) == len(runs)
+
+
+@pytest.mark.slow
+def test_grid_without_search_runs_only_the_final_cv(ray_local, tmp_path: Path) -> None:
+    grid = SPACE[:SPACE.index("search:")] + "folds: [1]\n"
+    space_file, channel = _setup(tmp_path)
+    space_file.write_text(grid)
+    result = _sweep(space_file, tmp_path)
+    assert result.complete and result.chosen == {}
+    assert sorted((r["arch"], r["fold"]) for r in result.cv_rows) == [("cascaded_vit", 1), ("stl", 1)]
+    client, runs = _runs(result)
+    stages = _by_stage(runs)
+    assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "cv": 2}
+    assert all(float(r.data.params["lr"]) == 1e-3 for r in stages["cv"])  # the trainable's default
+    assert all(c["stage"] == "cv" for c in _calls(channel))
+    assert not (tmp_path / "out" / "sweeps" / "fake" / "optuna.db").exists()
 
 
 @pytest.mark.slow
