@@ -220,7 +220,8 @@ def resize_frames(frames: np.ndarray, size: int, mode: str = "squash") -> np.nda
     """Resize uint8 (N, H, W, 3) frames to (N, size, size, 3) with PIL bilinear (antialiased).
 
     ``squash`` stretches the whole frame (the authors' ``tf.image.resize``); ``letterbox`` keeps
-    the aspect ratio and pads with black, centred.
+    the aspect ratio and pads with black, centred. (:func:`read_clip` lets the decoder scale
+    instead; this is for frames already in memory, e.g. the benchmark's baseline.)
     """
     from PIL import Image
 
@@ -240,30 +241,91 @@ def resize_frames(frames: np.ndarray, size: int, mode: str = "squash") -> np.nda
 
 
 def read_clip(path: str | os.PathLike[str], settings: PreprocessSettings) -> DecodedClip:
-    """Decode only the sampled frames of one video and resize them.
+    """Decode only the sampled frames of one video, already resized by the decoder.
 
-    Frame counts of some containers (FLV) are estimates: when reading fails, the readable prefix
-    is found and the indices are re-sampled within it (noted in :attr:`DecodedClip.notes`).
+    decord's scaler resizes inside the decoder (ffmpeg ``scale``), so full-resolution RGB frames
+    are never materialised: ``squash`` scales to size x size directly, ``letterbox`` scales to the
+    aspect-preserving inner size and pads. Frame counts of some containers (FLV) are estimates:
+    when reading fails, the readable prefix is found and the indices are re-sampled within it
+    (noted in :attr:`DecodedClip.notes`).
 
     Raises:
         ClipError: The file is missing, empty, unreadable, not a video, or no frame decodes.
     """
-    path = Path(path)
-    _check_file(path)
-    reader = _open_reader(path)
+    video = _Video(Path(path), settings.size, settings.size)
+    _check_file(video.path)
+    if settings.resize == "letterbox":
+        video = _letterbox_video(video)
+    reader = video.reader()
     num_source = len(reader)
     if num_source < 1:
         raise ClipError("the video stream has no frames")
     notes: list[str] = []
     indices, padded = sample_indices(num_source, settings.num_frames, settings.sampling)
     try:
-        frames = _as_rgb(reader.get_batch(indices.tolist()).asnumpy())
-    except Exception as error:  # decord raises DECORDError/RuntimeError for bad streams
-        frames, indices, padded = _read_damaged(path, num_source, settings, error, notes)
+        frames = _pad_square(_as_rgb(reader.get_batch(indices.tolist()).asnumpy()), settings.size)
+    except Exception:  # decord's scaler fails for some output widths (e.g. 48): decode unscaled
+        frames, indices, padded = _read_unscaled(video.path, num_source, indices, padded,
+                                                 settings, notes)
     if padded:
         notes.append(f"padded: {min(num_source, int(indices.max()) + 1)} source frames "
                      f"< {settings.num_frames}")
-    return DecodedClip(resize_frames(frames, settings.size, settings.resize), padded, notes)
+    return DecodedClip(frames, padded, notes)
+
+
+def _read_unscaled(path: Path, num_source: int, indices: np.ndarray, padded: bool,
+                   settings: PreprocessSettings,
+                   notes: list[str]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Second attempt without decoder scaling (PIL resize), then the damaged-stream fallback."""
+    native = _Video(path, -1, -1)
+    try:
+        frames = _as_rgb(native.reader().get_batch(indices.tolist()).asnumpy())
+    except Exception as error:  # decord raises DECORDError/RuntimeError for bad streams
+        frames, indices, padded = _read_damaged(native, num_source, settings, error, notes)
+    return resize_frames(frames, settings.size, settings.resize), indices, padded
+
+
+@dataclass(frozen=True)
+class _Video:
+    """A video file and the frame size its decoder scales to."""
+
+    path: Path
+    width: int
+    height: int
+
+    def reader(self) -> Any:
+        """A fresh decord reader (one decoding thread: parallelism is across clips)."""
+        import decord
+
+        try:
+            return decord.VideoReader(str(self.path), num_threads=1, width=self.width,
+                                      height=self.height)
+        except Exception as error:
+            raise ClipError(f"cannot open as a video: not a video file, or a truncated/corrupt "
+                            f"container ({_short(error)})") from error
+
+
+def _letterbox_video(video: _Video) -> _Video:
+    """The same video scaled to the aspect-preserving inner size (source size from frame 0)."""
+    try:
+        h, w = _Video(video.path, -1, -1).reader().get_batch([0]).shape[1:3]
+    except ClipError:
+        raise
+    except Exception as error:
+        raise ClipError(f"no frame could be decoded ({_short(error)})") from error
+    scale = video.width / max(h, w)
+    return _Video(video.path, max(1, round(w * scale)), max(1, round(h * scale)))
+
+
+def _pad_square(frames: np.ndarray, size: int) -> np.ndarray:
+    """Centre (N, h, w, 3) frames on a black (N, size, size, 3) canvas (no-op when square)."""
+    n, h, w = frames.shape[:3]
+    if (h, w) == (size, size):
+        return frames
+    out = np.zeros((n, size, size, 3), np.uint8)
+    y0, x0 = (size - h) // 2, (size - w) // 2
+    out[:, y0:y0 + h, x0:x0 + w] = frames
+    return out
 
 
 def _check_file(path: Path) -> None:
@@ -277,29 +339,19 @@ def _check_file(path: Path) -> None:
         raise ClipError("permission denied")
 
 
-def _open_reader(path: Path) -> Any:
-    import decord
-
-    try:
-        return decord.VideoReader(str(path), num_threads=1)
-    except Exception as error:
-        raise ClipError(f"cannot open as a video: not a video file, or a truncated/corrupt "
-                        f"container ({_short(error)})") from error
-
-
-def _read_frame(path: Path, index: int) -> np.ndarray | None:
+def _read_frame(video: _Video, index: int) -> np.ndarray | None:
     """One frame with a fresh reader (a reader is unreliable after an error), or ``None``."""
     try:
-        return _as_rgb(_open_reader(path).get_batch([index]).asnumpy())[0]
+        return _as_rgb(video.reader().get_batch([index]).asnumpy())[0]
     except Exception:
         return None
 
 
-def _probe(path: Path, index: int) -> bool:
-    return _read_frame(path, index) is not None
+def _probe(video: _Video, index: int) -> bool:
+    return _read_frame(video, index) is not None
 
 
-def _read_damaged(path: Path, num_source: int, settings: PreprocessSettings,
+def _read_damaged(video: _Video, num_source: int, settings: PreprocessSettings,
                   error: Exception, notes: list[str]) -> tuple[np.ndarray, np.ndarray, bool]:
     """Fallback after a failed batch read: the frame count was an estimate (FLV) or the stream is
     damaged. Re-sample within the readable prefix; if that batch fails too, read the frames one by
@@ -308,7 +360,7 @@ def _read_damaged(path: Path, num_source: int, settings: PreprocessSettings,
     Raises:
         ClipError: No frame decodes.
     """
-    readable = _readable_prefix(path, num_source)
+    readable = _readable_prefix(video, num_source)
     if readable == 0:
         raise ClipError(f"no frame could be decoded (corrupt or truncated stream: "
                         f"{_short(error)})") from error
@@ -316,10 +368,10 @@ def _read_damaged(path: Path, num_source: int, settings: PreprocessSettings,
         notes.append(f"{readable} of {num_source} frames decodable ({_short(error)})")
     indices, padded = sample_indices(readable, settings.num_frames, settings.sampling)
     try:
-        return _as_rgb(_open_reader(path).get_batch(indices.tolist()).asnumpy()), indices, padded
+        return _as_rgb(video.reader().get_batch(indices.tolist()).asnumpy()), indices, padded
     except Exception:
         pass
-    read = {int(i): _read_frame(path, int(i)) for i in np.unique(indices)}
+    read = {int(i): _read_frame(video, int(i)) for i in np.unique(indices)}
     good = np.array([i for i, f in read.items() if f is not None])
     if len(good) == 0:
         raise ClipError(f"no frame could be decoded (corrupt stream: {_short(error)})") from error
@@ -330,16 +382,16 @@ def _read_damaged(path: Path, num_source: int, settings: PreprocessSettings,
     return np.stack([read[i] for i in nearest]), indices, padded
 
 
-def _readable_prefix(path: Path, num_source: int) -> int:
+def _readable_prefix(video: _Video, num_source: int) -> int:
     """Number of leading frames that decode (binary search with fresh readers)."""
-    if not _probe(path, 0):
+    if not _probe(video, 0):
         return 0
     lo, hi = 0, num_source - 1  # frame lo reads; frames after hi are unknown or bad
-    if _probe(path, hi):
+    if _probe(video, hi):
         return num_source
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _probe(path, mid) else (lo, mid)
+        lo, hi = (mid, hi) if _probe(video, mid) else (lo, mid)
     return lo + 1
 
 
@@ -690,8 +742,11 @@ def run_preprocess(dataset: str | DatasetAdapter, root: str | os.PathLike[str],
     start = time.perf_counter()
     journal = _Journal(out, rows)
     try:
-        runner = _run_ray if _want_ray(use_ray) else _run_local
-        runner([list(c) for c in _chunks(todo, clips_per_task)], str(Path(root)), out, settings,
+        ray = _want_ray(use_ray)
+        workers = min(4, os.cpu_count() or 1) if workers is None and not ray else workers
+        per_task = balanced_task_size(len(todo), clips_per_task, workers or 1)
+        runner = _run_ray if ray else _run_local
+        runner([list(c) for c in _chunks(todo, per_task)], str(Path(root)), out, settings,
                device, workers, journal, progress)
     finally:
         journal.flush()
@@ -703,6 +758,11 @@ def _summary(out: Path, rows: dict[str, dict], processed: int, skipped: int,
     counts = Counter(r["status"] for r in rows.values())
     failures = sorted((r["clip"], r["reason"]) for r in rows.values() if r["status"] == "failed")
     return PreprocessSummary(out, len(rows), processed, skipped, dict(counts), elapsed, failures)
+
+
+def balanced_task_size(num_clips: int, clips_per_task: int, workers: int) -> int:
+    """Clips per task: at most ``clips_per_task``, fewer when that would leave workers idle."""
+    return max(1, min(clips_per_task, -(-num_clips // max(1, workers))))
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -748,7 +808,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 def _run_local(tasks: list[Task], root: str, out: Path, settings: PreprocessSettings,
                device: str, workers: int | None, journal: _Journal, progress: bool) -> None:
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    workers = workers or 0
     bar = _progress(sum(len(t) for t in tasks), progress)
     done = _make_reporter(journal, bar)
     try:
@@ -792,7 +852,9 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A spawn-context process pool whose workers split the CPU threads evenly (also used by the
+    benchmark to time warm workers)."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     return ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(threads,),
                                mp_context=multiprocessing.get_context("spawn"))
@@ -802,7 +864,7 @@ def _run_pool(tasks: list[Task], root: str, out: Path, settings: PreprocessSetti
               workers: int, done: Callable[[list[dict]], None]) -> list[Task]:
     """Run tasks on a spawn process pool; returns the tasks lost to a crashed worker."""
     crashed: list[Task] = []
-    with _pool(workers) as pool:
+    with worker_pool(workers) as pool:
         futures: dict[Future, Task] = {pool.submit(_call, t, root, out, settings, device): t
                                        for t in tasks}
         try:
@@ -830,7 +892,7 @@ def _run_isolated(tasks: list[Task], root: str, out: Path, settings: PreprocessS
     pool = None
     try:
         for record, clip_id in clips:
-            pool = pool or _pool(1)
+            pool = pool or worker_pool(1)
             try:
                 done(pool.submit(_call, [(record, clip_id)], root, out, settings, device).result())
             except BrokenProcessPool:

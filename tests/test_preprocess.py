@@ -89,6 +89,14 @@ def test_read_clip_reads_the_sampled_frames(video_factory) -> None:
         assert not clip.padded and clip.notes == []
 
 
+def test_read_clip_falls_back_when_the_decoder_scaler_fails(video_factory) -> None:
+    """decord's scaler rejects some output widths (48 from 64x48 here): decode unscaled, resize."""
+    clip = read_clip(video_factory("a.mp4", num_frames=20), PreprocessSettings(size=48))
+    assert clip.frames.shape == (16, 48, 48, 3) and clip.notes == []
+    green = clip.frames[:, 24, 24, 1].astype(int)
+    assert np.abs(green - 8 * np.arange(16)).max() <= 6
+
+
 def test_read_clip_pads_short_gray_and_odd_videos(video_factory) -> None:
     short = read_clip(video_factory("short.mp4", num_frames=10), SMALL)
     assert short.padded and short.frames.shape == (16, 64, 64, 3)
