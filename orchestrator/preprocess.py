@@ -510,7 +510,11 @@ def process_clips(records: Sequence[ClipRecord], clip_ids: Sequence[str], root: 
             rows.append(_row(record, clip_id, "failed", f"unexpected error while decoding: "
                                                         f"{_short(error)}"))
     for (record, clip_id, clip), detections in zip(decoded, _detect_all(decoded, settings, device)):
-        rows.append(_finish_clip(record, clip_id, clip, detections, Path(out), settings))
+        try:
+            rows.append(_finish_clip(record, clip_id, clip, detections, Path(out), settings))
+        except Exception as error:  # e.g. a full cache disk: recorded (--retry-failed redoes it)
+            rows.append(_row(record, clip_id, "failed", f"could not label or write the clip: "
+                                                        f"{_short(error)}"))
     return rows
 
 
