@@ -5,7 +5,8 @@
    with actor reuse, interleaved (fresh, reuse, fresh, reuse), best round of each. The overhead is
    the wall time of a Tuner of ``n`` trials per trial slot, ``wall * slots / n`` (the Tuner's fixed
    start-up included, which understates the gain of reuse); the marginal cost per trial,
-   ``(wall_n - wall_small) * slots / (n - n_small)``, is recorded too. ``ratio`` = overhead without
+   ``(wall_n - wall_small) * slots / (n - n_small)``, is recorded too (with reuse it is below the
+   noise of a shared machine and may come out slightly negative). ``ratio`` = overhead without
    reuse / overhead with reuse: what a sweep of many short CPU trials gains from ``reuse_actors``.
    Target 2.0.
 2. **Smoke sweep wall time**: ``search_spaces/smoke.yaml`` through :func:`orchestrator.sweep.run_sweep`
