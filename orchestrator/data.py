@@ -60,7 +60,8 @@ class ClipDataset(Dataset):
         clip_ids: Clips to serve (e.g. one fold's ``train``); default all usable clips.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str], clip_ids: list[str] | None = None) -> None:
+    def __init__(self, cache_dir: str | os.PathLike[str],
+                 clip_ids: list[str] | None = None) -> None:
         self.cache_dir = Path(cache_dir)
         manifest = load_manifest(cache_dir, usable_only=True)
         files = dict(zip(manifest["clip_id"], manifest["cache_file"]))

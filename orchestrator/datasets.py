@@ -215,7 +215,7 @@ class Ravdess(DatasetAdapter):
 
 @dataclass(frozen=True)
 class CremaD(DatasetAdapter):
-    """CREMA-D: ``ActorID_Sentence_Emotion_Level.flv`` (or ``.mp4``), e.g. ``1001_DFA_ANG_XX.flv``."""
+    """CREMA-D: ``ActorID_Sentence_Emotion_Level.flv`` (or ``.mp4``), e.g. 1001_DFA_ANG_XX.flv."""
 
     name: ClassVar[str] = "crema-d"
     convention: ClassVar[str] = "ActorID_Sentence_Emotion_Level.flv, e.g. 1001_DFA_ANG_XX.flv"

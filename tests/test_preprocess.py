@@ -24,7 +24,8 @@ from orchestrator.preprocess import (JOURNAL_FILE, MANIFEST_COLUMNS, CacheSettin
 SMALL = PreprocessSettings(size=64, keep_faceless=True)
 
 
-def run(root: Path, out: Path, settings: PreprocessSettings = SMALL, **kwargs) -> pp.PreprocessSummary:
+def run(root: Path, out: Path, settings: PreprocessSettings = SMALL,
+        **kwargs) -> pp.PreprocessSummary:
     kwargs.setdefault("workers", 0)
     return run_preprocess("ravdess", root, out, settings, progress=False, **kwargs)
 
@@ -80,8 +81,8 @@ def test_squash_and_letterbox() -> None:
 
 def test_read_clip_reads_the_sampled_frames(video_factory) -> None:
     path = video_factory("a.mp4", num_frames=30)
-    for mode, expected in (("official", list(range(16))),
-                           ("uniform", [0, 2, 4, 6, 8, 10, 12, 14, 15, 17, 19, 21, 23, 25, 27, 29])):
+    uniform = [0, 2, 4, 6, 8, 10, 12, 14, 15, 17, 19, 21, 23, 25, 27, 29]
+    for mode, expected in (("official", list(range(16))), ("uniform", uniform)):
         clip = read_clip(path, PreprocessSettings(size=32, sampling=mode))
         green = clip.frames[:, 16, 16, 1].astype(int)  # the writer puts 8 * frame index there
         assert clip.frames.shape == (16, 32, 32, 3) and clip.frames.dtype == np.uint8
@@ -244,7 +245,8 @@ def test_manifest_and_dataset(tmp_path: Path) -> None:
     assert tuple(raw.columns) == MANIFEST_COLUMNS
     assert raw["clip"].tolist() == sorted(raw["clip"])
     full = load_manifest(tmp_path / "cache", usable_only=False)
-    assert set(full["status"]) == {"partial", "failed"} and full["valid_frames"].between(0, 16).all()
+    assert set(full["status"]) == {"partial", "failed"}
+    assert full["valid_frames"].between(0, 16).all()
     assert full["subject"].tolist() == ["01", "02", "03", "04"]  # strings, leading zeros kept
     usable = load_manifest(tmp_path / "cache")
     assert len(usable) == 3 and usable["padded"].dtype == bool
