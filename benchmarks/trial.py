@@ -179,8 +179,9 @@ def measure_epochs(setting: EpochSetting, device: torch.device | None = None) ->
 
 
 def _time_rounds(cached: tr.Trial, e2e: tr.Trial, pure: Callable[[], None], rounds: int) -> dict[str, list[float]]:
-    """Alternate the measured calls, ``rounds`` times each; the first round doubles as warm-up and
-    the fastest sample of each call counts, so a disturbed round (or the warm-up) drops out."""
+    """Alternate the measured calls, ``rounds`` times each after one untimed warm-up round (kernel
+    selection, allocator, page cache); the fastest sample of each call counts, so a round disturbed
+    by other processes drops out."""
     calls = {
         "cached_train": lambda: cached.train_epoch(0),
         "pure_steps": pure,  # right after the cached pass it is compared with
@@ -188,6 +189,8 @@ def _time_rounds(cached: tr.Trial, e2e: tr.Trial, pure: Callable[[], None], roun
         "e2e_train": lambda: e2e.train_epoch(0),
         "e2e_val": lambda: e2e.evaluate("val"),
     }
+    for fn in calls.values():
+        fn()
     times: dict[str, list[float]] = {n: [] for n in calls}
     for r in range(rounds):
         for name, fn in calls.items():

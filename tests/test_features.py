@@ -107,9 +107,9 @@ def _build_worker(root: str, clips: list[str], start: multiprocessing.synchroniz
 def test_concurrent_builders_produce_one_complete_cache(tmp_path: Path) -> None:
     clips = [f"clip{i:03d}" for i in range(40)]
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager, ctx.Pool(3) as pool:
+    with ctx.Manager() as manager, ctx.Pool(2) as pool:
         start = manager.Event()
-        jobs = [pool.apply_async(_build_worker, (str(tmp_path), clips, start)) for _ in range(3)]
+        jobs = [pool.apply_async(_build_worker, (str(tmp_path), clips, start)) for _ in range(2)]
         start.set()
         written = [job.get(timeout=120) for job in jobs]
     assert sum(written) == len(clips), "every clip must be published exactly once"
