@@ -232,12 +232,17 @@ def _fake_batch(setting: StepSetting, num_tokens: int, device: torch.device, gen
 
 
 def _adamw(params: list[nn.Parameter], device: torch.device, fast: bool) -> torch.optim.Optimizer:
-    """The released code's optimiser (AdamW, lr 1e-3, weight decay 1e-3); fused kernel for the system."""
+    """The released code's optimiser (AdamW, lr 1e-3, weight decay 1e-3).
+
+    System: the fused kernel on CUDA; on CPU the multi-tensor (``foreach``) update, which measured
+    about twice as fast as the fused CPU kernel for these ~10M parameters (6 vs 12 ms; either is
+    well under 1% of a step). Baseline: the per-parameter loop.
+    """
     kwargs: dict[str, Any] = {"lr": 1e-3, "weight_decay": 1e-3}
-    if fast:
+    if fast and device.type == "cuda":
         kwargs["fused"] = True
     else:
-        kwargs["foreach"] = False
+        kwargs["foreach"] = fast
     return torch.optim.AdamW(params, **kwargs)
 
 
