@@ -53,9 +53,10 @@ def finite_numbers(obj: object) -> list[float]:
     return []
 
 
-@pytest.mark.parametrize("attn_drop", [None, 0.0])
-def test_decoder_step_runs_and_reports(attn_drop: float | None) -> None:
-    results = ds.run(quick=False, device=CPU, settings=[toy_step(attn_drop=attn_drop)], peak_size=PEAK_SIZE)
+@pytest.mark.parametrize(("attn_drop", "precision"), [(None, "fp32"), (0.0, "fp32"), (0.0, "bf16")])
+def test_decoder_step_runs_and_reports(attn_drop: float | None, precision: str) -> None:
+    setting = toy_step(attn_drop=attn_drop, precision=precision)
+    results = ds.run(quick=False, device=CPU, settings=[setting], peak_size=PEAK_SIZE)
     speed, fraction = results
     for r in results:
         assert_well_formed(r)
@@ -228,3 +229,11 @@ def test_model_gradients_equal_the_eager_baselines_without_dropout() -> None:
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_quick_mode_keeps_the_targets_shape() -> None:
+    first = ds.quick_settings()[0]
+    cfg = first.model_config()
+    assert (first.decoder, first.batch_size, cfg.encoder_cfg().num_tokens, cfg.encoder_cfg().embed_dim) == (
+        "official", 16, 1568, 1024)
+    assert {s.decoder for s in ds.quick_settings()} == {"official", "paper"}
