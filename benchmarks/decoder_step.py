@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -297,22 +298,27 @@ def build_runners(setting: StepSetting, device: torch.device, seed: int = 0
 
 
 def time_steps(runners: dict[str, StepRunner], device: torch.device, rounds: int
-               ) -> tuple[dict[str, list[float]], dict[str, int | None]]:
+               ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int | None]]:
     """Alternate timed steps of each runner; each step also measures its peak memory (free on CPU:
     the kernel's RSS high-water mark; on CUDA the allocator's own counter).
 
     Returns:
-        Seconds per step and the largest peak memory per runner.
+        Wall seconds per step, process CPU seconds per step divided by the torch thread count
+        (close to the wall time on an idle machine, lower when other work competed for the
+        cores), and the largest peak memory, per runner.
     """
     times: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
     peaks: dict[str, int | None] = dict.fromkeys(runners)
     for _ in range(rounds):
         for name, runner in runners.items():
+            cpu_start = time.process_time()
             with PeakMemory(device) as mem:
                 times[name].append(time_call(runner.step, device))
+            cpu[name].append((time.process_time() - cpu_start) / torch.get_num_threads())
             if mem.peak_bytes is not None:
                 peaks[name] = max(peaks[name] or 0, mem.peak_bytes)
-    return times, peaks
+    return times, cpu, peaks
 
 
 def run_setting(setting: StepSetting, device: torch.device, peak_size: int | None = None) -> list[Result]:
@@ -335,7 +341,7 @@ def run_setting(setting: StepSetting, device: torch.device, peak_size: int | Non
     if setting.warmup_clips:
         system.step(setting.warmup_clips)
         baseline.step(setting.warmup_clips)
-    times, mem = time_steps({"system": system, "baseline": baseline}, device, setting.rounds)
+    times, cpu, mem = time_steps({"system": system, "baseline": baseline}, device, setting.rounds)
     peak = max(peak, matmul_peak_flops(device, peak_dtype, peak_size))
     flops = step_flops(model, num_tokens, setting.batch_size)
     stats = {side: summarize_times(t) for side, t in times.items()}
@@ -349,10 +355,12 @@ def run_setting(setting: StepSetting, device: torch.device, peak_size: int | Non
         "attention_path": attention_path(cfg, device, setting.precision),
         "step_flops": flops,
         "system": {**stats["system"], "clips_per_s": setting.batch_size / stats["system"]["best_s"],
-                   "flop_per_s": achieved, "peak_memory_bytes": mem["system"], "loss": system.last_loss},
+                   "flop_per_s": achieved, "peak_memory_bytes": mem["system"], "loss": system.last_loss,
+                   "cpu_per_thread_s": cpu["system"]},
         "baseline": {**stats["baseline"], "clips_per_s": setting.batch_size / stats["baseline"]["best_s"],
                      "flop_per_s": flops / stats["baseline"]["best_s"], "peak_memory_bytes": mem["baseline"],
-                     "loss": baseline.last_loss},
+                     "loss": baseline.last_loss, "cpu_per_thread_s": cpu["baseline"]},
+        "cpu_time_ratio": min(cpu["baseline"]) / min(cpu["system"]),
         "attention_matrix_bytes_per_layer": attention_matrix_bytes(setting, num_tokens),
     }
     target = TARGET_SPEEDUP.get(device.type, TARGET_SPEEDUP["cpu"])
