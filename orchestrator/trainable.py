@@ -26,7 +26,6 @@ encoder runs once per clip for the whole sweep instead of once per clip per epoc
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -42,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from model import MTCAEModel, ModelConfig, MultiTaskLoss, build_model, classification_metrics, normalize_video
 from model.architectures import ARCHITECTURES
