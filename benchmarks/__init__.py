@@ -53,11 +53,14 @@ def run_benchmark(name: str, quick: bool) -> tuple[list[Result], dict[str, Any]]
     """Import ``benchmarks.<name>`` and run it; a failure becomes one error result.
 
     Returns:
-        ``(results, status)`` where status holds ``status`` (``ok`` | ``error``) and ``duration_s``.
+        ``(results, status)`` where status holds ``status`` (``ok`` | ``error``), ``duration_s``
+        and the module's ``NOTES`` (optional strings the report prints under its notes).
     """
     start = time.perf_counter()
+    notes: list[str] = []
     try:
         module = importlib.import_module(f"benchmarks.{name}")
+        notes = [str(n) for n in getattr(module, "NOTES", ())]
         results = [normalize_result(r, name) for r in module.run(quick)]
         if not results:
             raise ValueError(f"benchmark {name!r} returned no results")
@@ -65,7 +68,7 @@ def run_benchmark(name: str, quick: bool) -> tuple[list[Result], dict[str, Any]]
     except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others
         log.error("benchmark %s failed:\n%s", name, traceback.format_exc())
         results, status = [{**error_result(name, exc), "source": name}], "error"
-    return results, {"status": status, "duration_s": time.perf_counter() - start}
+    return results, {"status": status, "duration_s": time.perf_counter() - start, "notes": notes}
 
 
 def run_all(quick: bool = False, only: Sequence[str] | None = None, out_dir: Path | None = DEFAULT_OUT
@@ -108,6 +111,7 @@ def run_all(quick: bool = False, only: Sequence[str] | None = None, out_dir: Pat
         log.info("running benchmark %s (%s)", name, "quick" if quick else "full")
         results, status = run_benchmark(name, quick)
         report["results"] += results
+        report["notes"] += [f"{name}: {note}" for note in status.pop("notes")]
         report["benchmarks"][name] = status
     report["duration_s"] = time.perf_counter() - t0
     report["matmul_peak"] = recorded_peaks()

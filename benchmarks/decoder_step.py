@@ -14,6 +14,18 @@ AdamW, in float32 on CPU (optionally bf16 autocast, reported against the bf16 ma
 Analytic FLOPs of one step (:func:`step_flops`): backward costs twice the forward for every trained
 matmul (input grad + weight grad), except the shared projection whose input, the frozen encoder's
 tokens, needs no gradient: step = 3 x forward(decoders + heads) + 2 x forward(projection).
+
+What was measured on the 2-core AMD EPYC (Zen 4, AVX-512, no AMX; torch 2.14) while tuning, in CPU
+seconds because other jobs shared the machine: the CPU flash kernel runs its forward at ~100% of the
+fp32 matmul peak and its backward at ~80% (it recomputes Q K^T: 5 matmuls where the analytic count
+has 4); explicit attention at head width 256 spends as long again on softmax, dropout and the N x N
+tensors. ``bernoulli_`` (``F.dropout``'s mask) costs about twice ``rand`` + compare, hence
+``model.decoder.Dropout``. Packing dK/dV back into the fused ``kv`` projection's layout cost two
+copies per layer, hence two matmuls on the halves of the ``kv`` weight. bf16 autocast: matmuls
+2.3x faster, CPU flash attention about 1.1x. A fused AdamW step (6 ms foreach vs 12 ms fused) and
+thread settings (2 threads = 2 cores already) are not where the time goes. ``torch.compile`` of
+``forward_tokens`` (official preset, batch 2) took 350 s to compile under load and its steps were
+0.75x-1.03x of eager's time; not used.
 """
 
 from __future__ import annotations
@@ -48,6 +60,25 @@ from model.heads import TaskHead
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16"]
+
+NOTES = (
+    "Rows named attn_drop0.3 run the presets as trained (the released code's dropout 0.3 on the "
+    "attention probabilities). PyTorch has no fused CPU attention kernel with dropout, so on CPU "
+    "F.scaled_dot_product_attention takes its math path: it materialises the B x h x N x N "
+    "probabilities (and keeps the dropout mask) for every layer, like the eager baseline, and the "
+    "speed-up targets are out of reach there. On CUDA the flash / memory-efficient kernels apply the "
+    "dropout inside the kernel. DecoderConfig(attn_drop=0.0) is the switch that makes CPU training "
+    "fused (rows named attn_drop0): a different regulariser, the same architecture and weights.",
+    "The paper preset has 3 heads of width 512: the explicit baseline's softmax and dropout work "
+    "grows with N^2 while its matmuls grow with N^2 x head width, so its overhead is half the official "
+    "preset's, and the CPU flash kernel's backward is no faster than batched matmuls at that width; "
+    "the paper rows' speed-up is therefore smaller.",
+    "bf16 rows (autocast; the baseline stays fp32) report their fraction against the bf16 matmul "
+    "peak. On a CPU without AMX the flash attention kernel gains little from bf16, while the bf16 "
+    "matmul peak is more than twice the fp32 one, so that fraction is low.",
+    "torch.compile is not used: compiling the step took minutes on a 2-core CPU and the compiled "
+    "step was not reliably faster than eager (see the module docstring).",
+)
 
 # Issue 7 targets: the step against the eager fp32 baseline (CPU fp32; CUDA with bf16), and the
 # achieved fraction of the same machine's dense matmul FLOP/s (CPU, batch 16).

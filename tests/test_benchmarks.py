@@ -161,7 +161,9 @@ def fake_suite(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         raise RuntimeError("boom")
 
     monkeypatch.setitem(sys.modules, "benchmarks.fake_bad", _fake_module("fake_bad", bad))
-    monkeypatch.setitem(sys.modules, "benchmarks.fake_ok", _fake_module("fake_ok", good))
+    ok = _fake_module("fake_ok", good)
+    ok.NOTES = ("read me",)
+    monkeypatch.setitem(sys.modules, "benchmarks.fake_ok", ok)
     monkeypatch.setattr(benchmarks, "BENCHMARKS", ("fake_bad", "fake_ok", "fake_absent"))
     return seen
 
@@ -173,6 +175,7 @@ def test_run_all_records_errors_and_goes_on(fake_suite: list[bool], tmp_path) ->
     assert by_name["fake_bad"]["error"] == "RuntimeError: boom" and by_name["fake_bad"]["passed"] is False
     assert by_name["fake/ok"]["passed"] is True and by_name["fake/ok"]["source"] == "fake_ok"
     assert report["benchmarks"]["fake_absent"] == {"status": "absent"}
+    assert report["benchmarks"]["fake_bad"]["status"] == "error" and "fake_ok: read me" in report["notes"]
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert [r["name"] for r in on_disk["results"]] == ["fake_bad", "fake/ok"]
     md = (tmp_path / "report.md").read_text()
