@@ -213,7 +213,7 @@ def test_cached_and_end_to_end_paths_agree(cache: TinyCache) -> None:
     run_trial(config(cache, feature_cache="off"), e2e)
     for a, b in zip(cached.reports, e2e.reports):
         for key in set(a) - NONDETERMINISTIC:
-            assert a[key] == pytest.approx(b[key], rel=2e-2, abs=2e-3), key
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key  # fp16 storage rounding only
 
 
 def test_same_weights_give_the_same_predictions_on_both_paths(cache: TinyCache) -> None:
