@@ -20,8 +20,8 @@ seconds because other jobs shared the machine: the CPU flash kernel runs its for
 fp32 matmul peak and its backward at ~80% (it recomputes Q K^T: 5 matmuls where the analytic count
 has 4); explicit attention at head width 256 spends as long again on softmax, dropout and the N x N
 tensors. ``bernoulli_`` (``F.dropout``'s mask) costs about twice ``rand`` + compare, hence
-``model.decoder.Dropout``. Packing dK/dV back into the fused ``kv`` projection's layout cost two
-copies per layer, hence two matmuls on the halves of the ``kv`` weight. bf16 autocast: matmuls
+``model.decoder.Dropout``. Splitting the fused ``kv`` projection into two matmuls (so dK/dV need no
+re-packing copy) measured no different and was dropped. bf16 autocast: matmuls
 2.3x faster, CPU flash attention about 1.1x. A fused AdamW step (6 ms foreach vs 12 ms fused) and
 thread settings (2 threads = 2 cores already) are not where the time goes. ``torch.compile`` of
 ``forward_tokens`` (official preset, batch 2) took 350 s to compile under load and its steps were

@@ -109,7 +109,8 @@ class Dropout(nn.Dropout):
 class CrossAttention(nn.Module):
     """Multi-head attention with queries from one stream and keys/values from another.
 
-    Attention runs through ``F.scaled_dot_product_attention``: a fused kernel (CUDA flash /
+    K and V projections are fused into one matmul. Attention runs through
+    ``F.scaled_dot_product_attention``: a fused kernel (CUDA flash /
     memory-efficient / cuDNN; CPU flash) never materialises the N x N matrix. On CPU no fused kernel
     supports dropout on the probabilities, so training with ``attn_drop > 0`` takes PyTorch's math
     path, which holds (B, h, N, N) probabilities and masks per layer for backward.
@@ -128,15 +129,9 @@ class CrossAttention(nn.Module):
         """Attend from ``x`` (B, Nq, D) to ``context`` (B, Nk, D); returns (B, Nq, D)."""
         B, Nq, _ = x.shape
         Nk = context.shape[1]
-        h, d = self.num_heads, self.head_dim
-        q = self.q(x).view(B, Nq, h, d).transpose(1, 2)  # (B, h, Nq, d)
-        # K and V as two matmuls on the halves of the one ``kv`` weight (the checkpoint layout):
-        # each (B, Nk, h, d) output is the layout the kernel's dK/dV come back in, so backward needs
-        # no copy re-packing them into an interleaved (B, Nk, 2, h, d) gradient.
-        w_k, w_v = self.kv.weight.chunk(2)
-        b_k, b_v = self.kv.bias.chunk(2) if self.kv.bias is not None else (None, None)
-        k = F.linear(context, w_k, b_k).view(B, Nk, h, d).transpose(1, 2)  # (B, h, Nk, d)
-        v = F.linear(context, w_v, b_v).view(B, Nk, h, d).transpose(1, 2)  # (B, h, Nk, d)
+        q = self.q(x).view(B, Nq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, Nq, d)
+        kv = self.kv(context).view(B, Nk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, Nk, d)
+        k, v = kv.unbind(0)
         z = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj(z.transpose(1, 2).reshape(B, Nq, -1))  # (B, Nq, D)
 
