@@ -13,7 +13,10 @@ from benchmarks import BENCHMARKS, DEFAULT_OUT, run_all, summary_lines
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m benchmarks`` (``mtcae bench`` mirrors them)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Run the benchmarks, each a ratio against a baseline measured in the same run, and "
+        "write report.json + report.md.")
     parser.add_argument("--quick", action="store_true",
                         help="few-minute settings for a 2-core CPU (the full run is for a GPU machine)")
     parser.add_argument("--only", nargs="+", metavar="NAME",
