@@ -33,6 +33,7 @@ from model.checkpoint import (
 from model.decoder import DECODER_PRESETS, DecoderConfig, MLPDecoder, ViTDecoder, decoder_config
 from model.encoder import (
     ENCODER_PRESETS,
+    NORMALIZATIONS,
     EncoderConfig,
     VideoMAEEncoder,
     count_parameters,
@@ -54,6 +55,7 @@ __all__ = [
     "ARCHITECTURE_SPECS",
     "DECODER_PRESETS",
     "ENCODER_PRESETS",
+    "NORMALIZATIONS",
     "TASKS",
     "Architecture",
     "DecoderConfig",

@@ -23,7 +23,7 @@ from model.decoder import (
     mlp_decoder_flops,
     vit_decoder_flops,
 )
-from model.encoder import EncoderConfig, VideoMAEEncoder, encoder_config
+from model.encoder import NORMALIZATIONS, EncoderConfig, VideoMAEEncoder, encoder_config
 from model.heads import HeadOrder, TaskHead
 
 TASKS = ("box", "landmark", "expr")
@@ -87,6 +87,10 @@ class ModelConfig:
         decoder: Decoder preset (``paper`` or ``official``) or config.
         head_dropout: Dropout before each head's linear layer (0.1 in the released code).
         head_order: ``norm_pool`` (paper eq. 7-9) or ``pool_norm`` (released code).
+        normalization: Input statistics the clip is normalised with before the encoder:
+            ``imagenet`` (VideoMAE / MAE-DFER) or ``official`` (std 0.225 on every channel, as the
+            released notebook); see :meth:`norm_stats`.
+        encoder_overrides: Extra :class:`EncoderConfig` fields (e.g. ``final_norm``).
     """
 
     encoder: str | EncoderConfig = "vit_large"
@@ -99,7 +103,16 @@ class ModelConfig:
     decoder: str | DecoderConfig = "paper"
     head_dropout: float = 0.1
     head_order: HeadOrder = "norm_pool"
+    normalization: str = "imagenet"
     encoder_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {self.normalization!r}; expected one of {sorted(NORMALIZATIONS)}")
+
+    def norm_stats(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """(mean, std) per channel for ``model.normalize_video``."""
+        return NORMALIZATIONS[self.normalization]
 
     def encoder_cfg(self) -> EncoderConfig:
         """The resolved encoder config (frame count, size and position switch applied)."""

@@ -26,6 +26,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The official notebook copied a 0.225-for-all-channels std from a TF example (official_spec 3.4).
 OFFICIAL_STD = (0.225, 0.225, 0.225)
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "official": (IMAGENET_MEAN, OFFICIAL_STD),
+}
 
 
 @dataclass(frozen=True)

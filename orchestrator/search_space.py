@@ -48,7 +48,7 @@ FEATURE_CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
 # Trial-config keys a search space may set, with their value type (docs/design.md, "Trial config").
 SETTABLE_KEYS: dict[str, type] = {
     "seed": int, "encoder": str, "encoder_checkpoint": str, "freeze_encoder": bool,
-    "use_pos_embed": bool, "decoder": str, "decoder_depth": int, "decoder_heads": int,
+    "use_pos_embed": bool, "head_order": str, "normalization": str, "decoder": str, "decoder_depth": int, "decoder_heads": int,
     "decoder_dim": int, "decoder_head_dim": int, "decoder_mlp_ratio": float,
     "decoder_dropout": float, "head_dropout": float, "w_box": float, "w_landmark": float,
     "w_expr": float, "lr": float, "weight_decay": float, "batch_size": int, "epochs": int,
@@ -62,7 +62,8 @@ SWEEP_KEYS: frozenset[str] = frozenset({
 })
 _CHOICES: dict[str, tuple[str, ...]] = {
     "encoder": ENCODERS, "decoder": DECODER_PRESETS, "precision": PRECISIONS,
-    "feature_cache": FEATURE_CACHE_MODES,
+    "feature_cache": FEATURE_CACHE_MODES, "head_order": ("norm_pool", "pool_norm"),
+    "normalization": ("imagenet", "official"),
 }
 _POSITIVE = {"lr", "batch_size", "epochs", "decoder_depth", "decoder_heads", "decoder_dim",
              "decoder_head_dim", "decoder_mlp_ratio", "early_stop_patience", "lr_patience",

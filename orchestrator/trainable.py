@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import MTCAEModel, ModelConfig, MultiTaskLoss, build_model, classification_metrics, normalize_video
+from model import NORMALIZATIONS, MTCAEModel, ModelConfig, MultiTaskLoss, build_model, classification_metrics, normalize_video
 from model.architectures import ARCHITECTURES
 from model.decoder import decoder_config
 from orchestrator import features as feat
@@ -102,7 +102,11 @@ class TrialConfig:
         encoder: Encoder preset; VideoMAE ViT-L in the paper and the released code.
         encoder_checkpoint: Local encoder weights file; None keeps the (seeded) random init.
         freeze_encoder: The released code freezes the encoder (303.9M frozen vs 9.8M trained).
-        use_pos_embed: Add the encoder's sinusoid position table.
+        use_pos_embed: Add the encoder's sinusoid position table (the released TF wiring most
+            likely skipped it, official_spec.md 4.1).
+        head_order: ``norm_pool`` (paper eq. 7-9) or ``pool_norm`` (the released code pools first).
+        normalization: ``imagenet`` (VideoMAE's statistics) or ``official`` (std 0.225 on every
+            channel, as the released notebook).
         decoder: Decoder preset, ``paper`` (section 4.2: 5 layers, 3 heads, width 512) or ``official``.
         decoder_depth: Blocks per decoder.
         decoder_heads: Attention heads.
@@ -146,6 +150,8 @@ class TrialConfig:
     encoder_checkpoint: str | None = None
     freeze_encoder: bool = True
     use_pos_embed: bool = True
+    head_order: str = "norm_pool"
+    normalization: str = "imagenet"
     decoder: str = "paper"
     decoder_depth: int | None = None
     decoder_heads: int | None = None
@@ -202,7 +208,8 @@ class TrialConfig:
             ValueError: Naming the key and what was expected.
         """
         choices = {"arch": ARCHITECTURES, "precision": PRECISIONS, "feature_cache": FEATURE_CACHE_MODES,
-                   "stage": STAGES}
+                   "stage": STAGES, "head_order": ("norm_pool", "pool_norm"),
+                   "normalization": tuple(NORMALIZATIONS)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"trial config {key}={getattr(self, key)!r}; expected one of {list(allowed)}")
@@ -259,7 +266,8 @@ class TrialConfig:
         return ModelConfig(encoder=self.encoder, encoder_checkpoint=self.encoder_checkpoint,
                            freeze_encoder=self.freeze_encoder, use_pos_embed=self.use_pos_embed,
                            num_classes=num_classes, num_frames=num_frames, img_size=img_size,
-                           decoder=decoder, head_dropout=self.head_dropout)
+                           decoder=decoder, head_dropout=self.head_dropout,
+                           head_order=self.head_order, normalization=self.normalization)
 
     def loss(self) -> MultiTaskLoss:
         """The weighted multi-task loss."""
@@ -670,11 +678,12 @@ class Trial:
     def _make_source(self) -> TokenSource | VideoSource:
         if not self.cfg.uses_feature_cache:
             return VideoSource(self.data, self.cfg.num_workers)
+        mean, std = self.model.cfg.norm_stats()
         spec = feat.FeatureSpec(self.encoder_hash, asdict(self.model.encoder.cfg), self.data.settings_hash,
-                                compute_dtype=feat.dtype_name(self.amp_dtype))
+                                mean=mean, std=std, compute_dtype=feat.dtype_name(self.amp_dtype))
         store = feat.FeatureStore.open(self.data.cache_dir, spec)
         clips = [c for s in ("train", "val", "test") for c in self.data.splits[s].clip_ids]
-        encode = feat.encoder_fn(self.model, self.device, self.amp_dtype)
+        encode = feat.encoder_fn(self.model, self.device, self.amp_dtype, mean, std)
         built = store.build(encode, self.data.load_frames, clips, batch_size=self.cfg.batch_size)
         logger.info("feature cache %s: %d clips encoded now, %d reused", store.root, built, len(clips) - built)
         return TokenSource(store)
@@ -687,7 +696,7 @@ class Trial:
         targets = {k: batch[k].to(self.device, non_blocking=True)
                    for k in ("boxes", "landmarks", "valid", "label")}
         if self.source.kind == "video":
-            x = normalize_video(x)  # (B, 3, T, S, S)
+            x = normalize_video(x, *self.model.cfg.norm_stats())  # (B, 3, T, S, S)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             out = self.model.forward_tokens(x.float()) if self.source.kind == "tokens" else self.model(x)

@@ -98,6 +98,15 @@ def test_model_config_applies_decoder_overrides() -> None:
     assert (dec.depth, dec.embed_dim, dec.drop_rate, dec.attn_drop, dec.input_dropout) == (2, 256, 0.1, 0.1, 0.1)
 
 
+def test_official_fidelity_switches_reach_the_model() -> None:
+    cfg = TrialConfig.from_flat({"head_order": "pool_norm", "normalization": "official", "use_pos_embed": False})
+    mcfg = cfg.model_config(num_classes=7, num_frames=16, img_size=224)
+    assert (mcfg.head_order, mcfg.use_pos_embed) == ("pool_norm", False)
+    assert mcfg.norm_stats()[1] == (0.225, 0.225, 0.225)
+    with pytest.raises(ValueError, match="normalization"):
+        TrialConfig.from_flat({"normalization": "kinetics"})
+
+
 def test_fp16_needs_cuda() -> None:
     with pytest.raises(ValueError, match="fp16"):
         tr.resolve_precision("fp16", torch.device("cpu"))
