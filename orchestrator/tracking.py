@@ -385,16 +385,18 @@ class TrialLogger:
             ValueError: the lengths of ``y_true``, ``y_pred`` and ``clip_ids`` differ, or a label is
                 outside ``range(len(class_names))``.
         """
+        from model.metrics import classification_metrics  # lazy: `mtcae table` need not import torch
+
         true, pred = _check_predictions(y_true, y_pred, class_names, clip_ids)
-        confusion = confusion_matrix(true, pred, len(class_names))
-        recalls = _recalls(confusion)
+        scores = classification_metrics(true, pred, len(class_names))
+        confusion, recalls = scores["confusion"], np.asarray(scores["per_class_recall"])
         final = {recall_metric_name(n): r for n, r in zip(class_names, recalls) if not np.isnan(r)}
         final.update(metrics)
         self.log_metrics(final, 0)
         with tempfile.TemporaryDirectory(prefix="mtcae_artifacts_") as tmp:
             folder = Path(tmp)
             save_confusion_png(confusion, class_names, folder / "confusion_matrix.png")
-            _write_recall_csv(confusion, class_names, folder / "per_class_recall.csv")
+            _write_recall_csv(confusion, recalls, class_names, folder / "per_class_recall.csv")
             _write_predictions_csv(true, pred, class_names, clip_ids, folder / "predictions.csv")
             self._client.log_artifacts(self.run_id, str(folder))
 
@@ -442,19 +444,6 @@ def _check_predictions(
     return true, pred
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts ``C[i, j]`` of clips of true class i predicted as j, shape (K, K)."""
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (y_true, y_pred), 1)
-    return confusion
-
-
-def _recalls(confusion: np.ndarray) -> np.ndarray:
-    support = confusion.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
-
-
 def save_confusion_png(confusion: np.ndarray, class_names: Sequence[str], path: Path) -> None:
     """Write a row-normalised confusion matrix (counts annotated) as a PNG.
 
@@ -482,8 +471,7 @@ def save_confusion_png(confusion: np.ndarray, class_names: Sequence[str], path: 
     fig.savefig(path)
 
 
-def _write_recall_csv(confusion: np.ndarray, class_names: Sequence[str], path: Path) -> None:
-    recalls = _recalls(confusion)
+def _write_recall_csv(confusion: np.ndarray, recalls: np.ndarray, class_names: Sequence[str], path: Path) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["class", "recall", "support", "correct"])

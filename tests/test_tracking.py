@@ -208,6 +208,8 @@ def test_concurrent_processes_share_experiment_and_run(tmp_path):
     assert len(_runs_with_key(uri, exp_id, "same-key")) == 1
 
 
-def test_confusion_matrix_counts():
-    confusion = tracking.confusion_matrix(np.array([0, 0, 1]), np.array([0, 1, 1]), 3)
-    assert confusion.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 0]]
+def test_recall_csv_counts(tmp_path):
+    confusion = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0]])
+    tracking._write_recall_csv(confusion, np.array([0.5, 1.0, np.nan]), ["a", "b", "c"], tmp_path / "r.csv")
+    rows = (tmp_path / "r.csv").read_text().splitlines()
+    assert rows == ["class,recall,support,correct", "a,0.500000,2,1", "b,1.000000,1,1", "c,,0,0"]
