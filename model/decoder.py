@@ -13,11 +13,13 @@ K/V stream belongs to each decoder, as in the released code (official_spec.md 4.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.presets import resolve_preset
 
 
 @dataclass(frozen=True)
@@ -73,16 +75,7 @@ def decoder_config(name: str | DecoderConfig, **overrides: object) -> DecoderCon
     Raises:
         ValueError: Unknown preset name or unknown field.
     """
-    if isinstance(name, DecoderConfig):
-        base = name
-    elif name in DECODER_PRESETS:
-        base = DECODER_PRESETS[name]
-    else:
-        raise ValueError(f"unknown decoder preset {name!r}; expected one of {sorted(DECODER_PRESETS)}")
-    unknown = set(overrides) - set(DecoderConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown decoder setting(s) {sorted(unknown)}")
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    return resolve_preset("decoder", name, DECODER_PRESETS, **{k: v for k, v in overrides.items() if v is not None})
 
 
 class Dropout(nn.Dropout):

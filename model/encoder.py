@@ -8,7 +8,7 @@ load without renaming and parameter counts match the authors' (303,858,688 for V
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
@@ -18,6 +18,8 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from model.presets import resolve_preset
 
 Layout = Literal["BCTHW", "BTHWC"]
 
@@ -99,16 +101,7 @@ def encoder_config(name: str | EncoderConfig, **overrides: object) -> EncoderCon
     Raises:
         ValueError: Unknown preset name or unknown field.
     """
-    if isinstance(name, EncoderConfig):
-        base = name
-    elif name in ENCODER_PRESETS:
-        base = ENCODER_PRESETS[name]
-    else:
-        raise ValueError(f"unknown encoder preset {name!r}; expected one of {sorted(ENCODER_PRESETS)}")
-    unknown = set(overrides) - set(EncoderConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown encoder setting(s) {sorted(unknown)}")
-    return replace(base, **overrides)
+    return resolve_preset("encoder", name, ENCODER_PRESETS, **overrides)
 
 
 def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
