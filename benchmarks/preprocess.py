@@ -42,10 +42,10 @@ import torch
 from benchmarks.common import Result, default_device, make_result, summarize_times, time_interleaved
 from orchestrator.datasets import ClipRecord, get_dataset
 from orchestrator.demo_data import actor_style, background, class_motion, clip_name, face_patch
+from orchestrator.faces import get_detector, select_faces
 from orchestrator.preprocess import (CLIPS_DIR, PreprocessSettings, balanced_task_size,
-                                     get_detector, make_clip_ids, process_clips, resize_frames,
-                                     sample_indices, select_faces,
-                                     worker_pool, write_npz)
+                                     make_clip_ids, process_clips, worker_pool, write_npz)
+from orchestrator.video import resize_frames, sample_indices
 
 log = logging.getLogger(__name__)
 

@@ -3,17 +3,16 @@
 The paper's multi-task labels (section 4.2, Fig. 3) do not ship with any dataset; they come from
 running MTCNN over every sampled frame. Per clip this module
 
-1. reads only the ``num_frames`` frames it needs with decord ``get_batch`` (``official`` sampling:
-   stride ``floor(T/16)`` from frame 0 as the authors' ``Preprocessing_Video.py``; ``uniform``:
-   centres of 16 equal segments; clips shorter than 16 frames are padded by repeating frames),
-2. resizes them to ``size`` x ``size`` (``squash`` the whole frame as the authors did, or
-   ``letterbox`` keeping the aspect ratio),
-3. runs facenet-pytorch MTCNN on all frames of one or several clips in a single batched call and
-   keeps, per frame, the face with the largest ``area * probability``; box ``[x, y, w, h]`` and the
-   5 points (left eye, right eye, nose, left mouth, right mouth) are clipped to the frame and
-   normalised by ``size``; frames without a face take the nearest valid frame's labels and are
-   flagged invalid so the loss can mask them,
-4. writes ``clips/<clip_id>.npz`` atomically and a manifest row (see ``docs/design.md``).
+1. reads only the ``num_frames`` frames it needs and resizes them to ``size`` x ``size``
+   (:mod:`orchestrator.video`: ``official`` or ``uniform`` sampling, ``squash`` or ``letterbox``,
+   fallbacks for damaged streams),
+2. runs facenet-pytorch MTCNN on all frames of one or several clips in a single batched call and
+   keeps one face per frame as normalised ``[x, y, w, h]`` boxes and 5 points, frames without a
+   face filled from the nearest valid frame and flagged invalid (:mod:`orchestrator.faces`),
+3. writes ``clips/<clip_id>.npz`` atomically and a manifest row (see ``docs/design.md``).
+
+This module holds the settings, the cache layout (settings, manifest, journal) and the run loop
+(in-process, a spawn process pool, or Ray tasks) behind :func:`run_preprocess`.
 
 Robustness: every clip's failure (missing, empty, unreadable, non-video, truncated, corrupt) is
 caught and recorded with a reason; the run goes on. Rows are appended to a journal file as clips
@@ -44,7 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,9 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.datasets import ClipRecord, DatasetAdapter, get_dataset
+from orchestrator.faces import get_detector, resolve_device, select_faces
+from orchestrator.video import (RESIZE_MODES, SAMPLING_MODES, ClipError, DecodedClip, read_clip,
+                                short_error)
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +64,9 @@ CLIPS_DIR = "clips"
 MANIFEST_COLUMNS = ("clip", "clip_id", "status", "reason", "label", "label_name", "subject",
                     "valid_frames", "padded", "cache_file")
 USABLE_STATUSES = ("ok", "partial")
-SAMPLING_MODES = ("official", "uniform")
-RESIZE_MODES = ("squash", "letterbox")
 FORMAT_VERSION = 1  # bump when the npz content changes for the same settings
 
 _MANIFEST_FLUSH_S = 5.0
-
-
-class ClipError(Exception):
-    """A clip cannot be used; ``str(error)`` is the reason recorded in the manifest."""
 
 
 class CacheSettingsError(ValueError):
@@ -120,37 +116,6 @@ class PreprocessSettings:
         d["thresholds"] = list(self.thresholds)
         return d
 
-
-@dataclass
-class DecodedClip:
-    """Sampled, resized frames of one clip.
-
-    Attributes:
-        frames: uint8 (T, S, S, 3).
-        padded: The source had fewer than T frames.
-        notes: Human-readable remarks for the manifest's ``reason`` column.
-    """
-
-    frames: np.ndarray
-    padded: bool
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class FaceLabels:
-    """Per-frame multi-task labels, normalised by the frame size.
-
-    Attributes:
-        boxes: float32 (T, 4) ``[x, y, w, h]``.
-        landmarks: float32 (T, 5, 2).
-        valid: bool (T,): a face was detected in that frame.
-    """
-
-    boxes: np.ndarray
-    landmarks: np.ndarray
-    valid: np.ndarray
-
-
 @dataclass
 class PreprocessSummary:
     """What a run produced (the CLI prints :meth:`format`)."""
@@ -186,310 +151,6 @@ class PreprocessSummary:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- sampling and resizing
-
-
-def sample_indices(num_source: int, num_frames: int = 16,
-                   mode: str = "official") -> tuple[np.ndarray, bool]:
-    """Source frame indices to read, and whether the clip had to be padded.
-
-    ``official``: ``0, s, 2s, ...`` with ``s = floor(T / num_frames)`` (the authors' stride, tail
-    dropped). ``uniform``: the centre frame of each of ``num_frames`` equal segments. A source with
-    fewer than ``num_frames`` frames is padded by repeating frames in order (each about
-    ``num_frames / T`` times), in either mode.
-
-    Raises:
-        ValueError: ``num_source < 1`` or unknown mode.
-    """
-    if num_source < 1:
-        raise ValueError(f"need at least one source frame, got {num_source}")
-    if mode not in SAMPLING_MODES:
-        raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {mode!r}")
-    steps = np.arange(num_frames)
-    if num_source < num_frames:
-        return (steps * num_source) // num_frames, True
-    if mode == "official":
-        indices = steps * (num_source // num_frames)
-    else:
-        segment = num_source / num_frames
-        indices = np.floor(segment * steps + segment / 2).astype(np.int64)
-    return np.minimum(indices, num_source - 1), False
-
-
-def resize_frames(frames: np.ndarray, size: int, mode: str = "squash") -> np.ndarray:
-    """Resize uint8 (N, H, W, 3) frames to (N, size, size, 3) with PIL bilinear (antialiased).
-
-    ``squash`` stretches the whole frame (the authors' ``tf.image.resize``); ``letterbox`` keeps
-    the aspect ratio and pads with black, centred. (:func:`read_clip` lets the decoder scale
-    instead; this is for frames already in memory, e.g. the benchmark's baseline.)
-    """
-    from PIL import Image
-
-    h, w = frames.shape[1:3]
-    scale = size / max(h, w)
-    inner = (size, size) if mode == "squash" else (max(1, round(w * scale)),
-                                                   max(1, round(h * scale)))
-    out = np.zeros((len(frames), size, size, 3), np.uint8)
-    x0, y0 = (size - inner[0]) // 2, (size - inner[1]) // 2
-    for i, frame in enumerate(frames):
-        resized = Image.fromarray(frame).resize(inner, Image.BILINEAR)
-        out[i, y0:y0 + inner[1], x0:x0 + inner[0]] = np.asarray(resized)
-    return out
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def read_clip(path: str | os.PathLike[str], settings: PreprocessSettings) -> DecodedClip:
-    """Decode only the sampled frames of one video, already resized by the decoder.
-
-    decord's scaler resizes inside the decoder (ffmpeg ``scale``), so full-resolution RGB frames
-    are never materialised: ``squash`` scales to size x size directly, ``letterbox`` scales to the
-    aspect-preserving inner size and pads. Frame counts of some containers (FLV) are estimates:
-    when reading fails, the readable prefix is found and the indices are re-sampled within it
-    (noted in :attr:`DecodedClip.notes`).
-
-    Raises:
-        ClipError: The file is missing, empty, unreadable, not a video, or no frame decodes.
-    """
-    video = _Video(Path(path), settings.size, settings.size)
-    _check_file(video.path)
-    if settings.resize == "letterbox":
-        video = _letterbox_video(video)
-    reader = video.reader()
-    num_source = len(reader)
-    if num_source < 1:
-        raise ClipError("the video stream has no frames")
-    notes: list[str] = []
-    indices, padded = sample_indices(num_source, settings.num_frames, settings.sampling)
-    try:
-        frames = _pad_square(_as_rgb(reader.get_batch(indices.tolist()).asnumpy()), settings.size)
-    except Exception:  # decord's scaler fails for some output widths (e.g. 48): decode unscaled
-        frames, indices, padded = _read_unscaled(video.path, num_source, indices, padded,
-                                                 settings, notes)
-    if padded:
-        notes.append(f"padded: {min(num_source, int(indices.max()) + 1)} source frames "
-                     f"< {settings.num_frames}")
-    return DecodedClip(frames, padded, notes)
-
-
-def _read_unscaled(path: Path, num_source: int, indices: np.ndarray, padded: bool,
-                   settings: PreprocessSettings,
-                   notes: list[str]) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Second attempt without decoder scaling (PIL resize), then the damaged-stream fallback."""
-    native = _Video(path, -1, -1)
-    try:
-        frames = _as_rgb(native.reader().get_batch(indices.tolist()).asnumpy())
-    except Exception as error:  # decord raises DECORDError/RuntimeError for bad streams
-        frames, indices, padded = _read_damaged(native, num_source, settings, error, notes)
-    return resize_frames(frames, settings.size, settings.resize), indices, padded
-
-
-@dataclass(frozen=True)
-class _Video:
-    """A video file and the frame size its decoder scales to."""
-
-    path: Path
-    width: int
-    height: int
-
-    def reader(self) -> Any:
-        """A fresh decord reader (one decoding thread: parallelism is across clips)."""
-        import decord
-
-        try:
-            return decord.VideoReader(str(self.path), num_threads=1, width=self.width,
-                                      height=self.height)
-        except Exception as error:
-            raise ClipError(f"cannot open as a video: not a video file, or a truncated/corrupt "
-                            f"container ({_short(error)})") from error
-
-
-def _letterbox_video(video: _Video) -> _Video:
-    """The same video scaled to the aspect-preserving inner size (source size from frame 0)."""
-    try:
-        h, w = _Video(video.path, -1, -1).reader().get_batch([0]).shape[1:3]
-    except ClipError:
-        raise
-    except Exception as error:
-        raise ClipError(f"no frame could be decoded ({_short(error)})") from error
-    scale = video.width / max(h, w)
-    return _Video(video.path, max(1, round(w * scale)), max(1, round(h * scale)))
-
-
-def _pad_square(frames: np.ndarray, size: int) -> np.ndarray:
-    """Centre (N, h, w, 3) frames on a black (N, size, size, 3) canvas (no-op when square)."""
-    n, h, w = frames.shape[:3]
-    if (h, w) == (size, size):
-        return frames
-    out = np.zeros((n, size, size, 3), np.uint8)
-    y0, x0 = (size - h) // 2, (size - w) // 2
-    out[:, y0:y0 + h, x0:x0 + w] = frames
-    return out
-
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise ClipError("file not found (missing or a broken link)")
-    if not path.is_file():
-        raise ClipError("not a regular file")
-    if path.stat().st_size == 0:
-        raise ClipError("empty file (0 bytes)")
-    if not os.access(path, os.R_OK):
-        raise ClipError("permission denied")
-
-
-def _read_frame(video: _Video, index: int) -> np.ndarray | None:
-    """One frame with a fresh reader (a reader is unreliable after an error), or ``None``."""
-    try:
-        return _as_rgb(video.reader().get_batch([index]).asnumpy())[0]
-    except Exception:
-        return None
-
-
-def _probe(video: _Video, index: int) -> bool:
-    return _read_frame(video, index) is not None
-
-
-def _read_damaged(video: _Video, num_source: int, settings: PreprocessSettings,
-                  error: Exception, notes: list[str]) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Fallback after a failed batch read: the frame count was an estimate (FLV) or the stream is
-    damaged. Re-sample within the readable prefix; if that batch fails too, read the frames one by
-    one and replace unreadable ones by the nearest readable one.
-
-    Raises:
-        ClipError: No frame decodes.
-    """
-    readable = _readable_prefix(video, num_source)
-    if readable == 0:
-        raise ClipError(f"no frame could be decoded (corrupt or truncated stream: "
-                        f"{_short(error)})") from error
-    if readable < num_source:
-        notes.append(f"{readable} of {num_source} frames decodable ({_short(error)})")
-    indices, padded = sample_indices(readable, settings.num_frames, settings.sampling)
-    try:
-        return _as_rgb(video.reader().get_batch(indices.tolist()).asnumpy()), indices, padded
-    except Exception:
-        pass
-    read = {int(i): _read_frame(video, int(i)) for i in np.unique(indices)}
-    good = np.array([i for i, f in read.items() if f is not None])
-    if len(good) == 0:
-        raise ClipError(f"no frame could be decoded (corrupt stream: {_short(error)})") from error
-    nearest = [int(good[np.argmin(np.abs(good - i))]) for i in indices]
-    missing = int(sum(n != i for n, i in zip(nearest, indices)))
-    if missing:
-        notes.append(f"{missing} sampled frame(s) unreadable, replaced by the nearest readable one")
-    return np.stack([read[i] for i in nearest]), indices, padded
-
-
-def _readable_prefix(video: _Video, num_source: int) -> int:
-    """Number of leading frames that decode (binary search with fresh readers)."""
-    if not _probe(video, 0):
-        return 0
-    lo, hi = 0, num_source - 1  # frame lo reads; frames after hi are unknown or bad
-    if _probe(video, hi):
-        return num_source
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _probe(video, mid) else (lo, mid)
-    return lo + 1
-
-
-def _as_rgb(frames: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) uint8 from gray (N, H, W), (N, H, W, 1) or RGBA input."""
-    if frames.ndim == 3:
-        frames = frames[..., None]
-    if frames.shape[-1] == 1:
-        frames = np.repeat(frames, 3, axis=-1)
-    return np.ascontiguousarray(frames[..., :3], dtype=np.uint8)
-
-
-def _short(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    text = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", text)  # decord's "[time] file.cc:line: " prefixes
-    return f"{type(error).__name__}: {text[:200]}"
-
-
-# ---------------------------------------------------------------- face detection
-
-
-class FaceDetector:
-    """facenet-pytorch MTCNN run on batches of equal-sized frames."""
-
-    def __init__(self, settings: PreprocessSettings, device: str = "cpu") -> None:
-        from facenet_pytorch import MTCNN
-
-        self.device = device
-        self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=settings.min_face_size,
-                           thresholds=list(settings.thresholds), factor=settings.factor)
-
-    def detect(self, frames: np.ndarray, chunk: int = 512) -> list[tuple[Any, Any, Any]]:
-        """Raw detections per frame: ``(boxes (k,4) x1y1x2y2, probs (k,), points (k,5,2))`` or
-        ``(None, None, None)`` when no face was found."""
-        results = []
-        for start in range(0, len(frames), chunk):
-            boxes, probs, points = self.mtcnn.detect(frames[start:start + chunk], landmarks=True)
-            results.extend((b, None if b is None else np.asarray(p, np.float32), q)
-                           for b, p, q in zip(boxes, probs, points))
-        return results
-
-
-_DETECTORS: dict[tuple[Any, ...], FaceDetector] = {}
-
-
-def get_detector(settings: PreprocessSettings, device: str = "auto") -> FaceDetector:
-    """One detector per (process, settings, device), created on first use."""
-    device = resolve_device(device)
-    key = (settings.min_face_size, settings.thresholds, settings.factor, device)
-    if key not in _DETECTORS:
-        _DETECTORS[key] = FaceDetector(settings, device)
-    return _DETECTORS[key]
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def select_faces(detections: Sequence[tuple[Any, Any, Any]], size: int) -> FaceLabels:
-    """Per frame, the face with the largest ``area * probability``, as normalised labels.
-
-    Boxes (MTCNN x1, y1, x2, y2) are clipped to the frame and converted to ``[x, y, w, h]``; points
-    are clipped too; all are divided by ``size``. Frames without a face (or whose clipped box is
-    empty) are filled from the nearest valid frame (earlier on ties) and marked invalid.
-    """
-    t = len(detections)
-    boxes, points = np.zeros((t, 4), np.float32), np.zeros((t, 5, 2), np.float32)
-    valid = np.zeros(t, bool)
-    for i, (b, p, q) in enumerate(detections):
-        if b is None or len(b) == 0:
-            continue
-        b = np.clip(np.asarray(b, np.float32), 0, size)
-        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-        best = int(np.argmax(area * np.asarray(p, np.float32)))
-        x1, y1, x2, y2 = b[best]
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
-            continue
-        boxes[i] = (x1, y1, x2 - x1, y2 - y1)
-        points[i] = np.clip(np.asarray(q[best], np.float32), 0, size)
-        valid[i] = True
-    _fill_from_nearest(boxes, points, valid)
-    return FaceLabels(boxes / size, points / size, valid)
-
-
-def _fill_from_nearest(boxes: np.ndarray, points: np.ndarray, valid: np.ndarray) -> None:
-    good = np.flatnonzero(valid)
-    if len(good) == 0:
-        return
-    for i in np.flatnonzero(~valid):
-        source = good[np.argmin(np.abs(good - i))]  # argmin takes the earlier frame on ties
-        boxes[i], points[i] = boxes[source], points[source]
-
-
 # ---------------------------------------------------------------- one batch of clips (worker)
 
 
@@ -508,13 +169,13 @@ def process_clips(records: Sequence[ClipRecord], clip_ids: Sequence[str], root: 
             rows.append(_row(record, clip_id, "failed", str(error)))
         except Exception as error:  # anything else is still one clip's problem
             rows.append(_row(record, clip_id, "failed", f"unexpected error while decoding: "
-                                                        f"{_short(error)}"))
+                                                        f"{short_error(error)}"))
     for (record, clip_id, clip), detections in zip(decoded, _detect_all(decoded, settings, device)):
         try:
             rows.append(_finish_clip(record, clip_id, clip, detections, Path(out), settings))
         except Exception as error:  # e.g. a full cache disk: recorded (--retry-failed redoes it)
             rows.append(_row(record, clip_id, "failed", f"could not label or write the clip: "
-                                                        f"{_short(error)}"))
+                                                        f"{short_error(error)}"))
     return rows
 
 
@@ -529,13 +190,13 @@ def _detect_all(decoded: list[tuple[ClipRecord, str, DecodedClip]], settings: Pr
         flat = detector.detect(np.concatenate([c.frames for _, _, c in decoded]))
         return [flat[i * t:(i + 1) * t] for i in range(len(decoded))]
     except Exception as error:
-        log.warning("batched face detection failed (%s); retrying clip by clip", _short(error))
+        log.warning("batched face detection failed (%s); retrying clip by clip", short_error(error))
     results: list[list | str] = []
     for _, _, clip in decoded:
         try:
             results.append(detector.detect(clip.frames))
         except Exception as error:
-            results.append(f"face detection failed: {_short(error)}")
+            results.append(f"face detection failed: {short_error(error)}")
     return results
 
 
@@ -939,7 +600,7 @@ def _run_ray(tasks: list[Task], root: str, out: Path, settings: PreprocessSettin
                 try:
                     done(ray.get(ref))
                 except ray.exceptions.RayError as error:
-                    done([_row(r, i, "failed", f"ray task failed: {_short(error)}")
+                    done([_row(r, i, "failed", f"ray task failed: {short_error(error)}")
                           for r, i in task])
     finally:
         bar.close()

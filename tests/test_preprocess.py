@@ -17,9 +17,10 @@ from videos import (face_frames, make_broken_link, make_corrupt, make_text_file,
 from orchestrator import preprocess as pp
 from orchestrator.cli import main
 from orchestrator.data import ClipDataset, cache_class_names, load_manifest
+from orchestrator.faces import select_faces
 from orchestrator.preprocess import (JOURNAL_FILE, MANIFEST_COLUMNS, CacheSettingsError,
-                                     PreprocessSettings, read_clip, resize_frames, run_preprocess,
-                                     sample_indices, select_faces)
+                                     PreprocessSettings, run_preprocess)
+from orchestrator.video import read_clip, resize_frames, sample_indices
 
 SMALL = PreprocessSettings(size=64, keep_faceless=True)
 

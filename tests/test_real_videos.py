@@ -11,8 +11,9 @@ import torch
 
 from orchestrator.data import load_manifest
 from orchestrator.datasets import CREMA_D_EMOTIONS, DATASETS, ClipRecord
-from orchestrator.preprocess import (PreprocessSettings, get_detector, process_clips, read_clip,
-                                     run_preprocess)
+from orchestrator.faces import get_detector
+from orchestrator.preprocess import PreprocessSettings, process_clips, run_preprocess
+from orchestrator.video import read_clip
 
 pytestmark = pytest.mark.slow
 
