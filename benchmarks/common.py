@@ -7,6 +7,8 @@ numbers (seconds, clips/s, bytes, FLOP/s) so a reader can recompute every ratio.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import math
@@ -186,6 +188,18 @@ def _status_kib(field: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``) so RSS counts live memory only.
+
+    Without it, memory a previous step freed stays resident, a later step reuses it without growing
+    RSS, and its peak would read as ~0. A no-op where glibc is absent.
+    """
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_rss_high_water_mark() -> bool:
     """Reset the kernel's peak-RSS counter (Linux ``clear_refs`` value 5); False where unsupported."""
     try:
@@ -198,10 +212,11 @@ def _reset_rss_high_water_mark() -> bool:
 class PeakMemory:
     """Peak memory a block of code adds over what was live when it started.
 
-    CUDA: ``torch.cuda.max_memory_allocated`` (the caching allocator's view). CPU: the process's
-    resident-set high-water mark (``VmHWM``), reset before the block, when Linux allows it; else a
-    sampling thread polls ``VmRSS`` every few milliseconds (may miss very short peaks). RSS counts
-    everything the step touches (oneDNN/MKL scratch too), not only PyTorch tensors.
+    CUDA: ``torch.cuda.max_memory_allocated`` (the caching allocator's view). CPU: freed heap memory
+    is first returned to the OS (``malloc_trim``), then the process's resident-set high-water mark
+    (``VmHWM``) is reset, when Linux allows it; else a sampling thread polls ``VmRSS`` every few
+    milliseconds (may miss very short peaks). RSS counts everything the step touches (oneDNN/MKL
+    scratch too), not only PyTorch tensors.
 
     Attributes:
         peak_bytes: Peak over the starting level, set when the block exits; None if unmeasurable.
@@ -223,6 +238,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start, self.method = torch.cuda.memory_allocated(self.device), "cuda_max_memory_allocated"
             return self
+        _trim_heap()
         rss = _status_kib("VmRSS")
         if rss is None:
             return self
