@@ -2,18 +2,19 @@
 
 A sweep runs a search space (:mod:`orchestrator.search_space`) in two stages:
 
-**Stage A, search** (only when the space searches something). One Optuna study per
-(dataset, arch) group, never one study across groups: TPE must not mix datasets, and Optuna cannot
-search inside a grid. Each group runs its own Tuner, one group after another, so an optional ASHA
-scheduler only ever compares trials of one group. A configuration's score is its **mean validation
-metric over the search folds** (``search.folds``), never a test metric: :class:`FoldCVSearcher` asks
-Optuna for a configuration, hands it out as one ordinary Tune trial per search fold (the trainable
-trains one fold per call, so folds of one configuration run in parallel and each is checkpointed and
-retried on its own), and tells Optuna the mean of the folds' best validation values once every fold
-has finished. A fold that failed for good fails the configuration (Optuna ``FAIL``); a fold stopped
-early by ASHA prunes it (``PRUNED``, so TPE does not take a truncated value for a final one). The
-study lives in an SQLite ``optuna.db`` in the sweep folder (``study_name = f"{dataset}__{arch}"``)
-with a sampler seed derived from the base seed and the group key.
+**Stage A, search** (only when the space searches something). One Optuna study per (dataset, arch)
+group, never one study across groups: TPE must not mix datasets, and Optuna cannot search inside a
+grid. Each group runs its own Tuner, one group after another, so an optional ASHA scheduler only
+ever compares trials of one group. A configuration's score is its **mean validation metric over the
+search folds** (``search.folds``), never a test metric: the searcher
+(:class:`orchestrator.searcher.FoldCVSearcher`) asks Optuna for a configuration, hands it out as one
+ordinary Tune trial per search fold (the trainable trains one fold per call, so folds of one
+configuration run in parallel and each is checkpointed and retried on its own), and tells Optuna the
+mean of the folds' best validation values once every fold has finished. A fold that failed for good
+fails the configuration (Optuna ``FAIL``); a fold stopped early by ASHA prunes it (``PRUNED``, so
+TPE does not take a truncated value for a final one). The study lives in an SQLite ``optuna.db`` in
+the sweep folder (``study_name = f"{dataset}__{arch}"``) with a sampler seed derived from the base
+seed and the group key.
 
 **Stage B, cv**: one Tuner over the grid dataset x arch x fold with each group's chosen configuration
 (or the fixed one when nothing is searched), default ``BasicVariantGenerator``, no scheduler: every
@@ -41,11 +42,9 @@ Layout under the output folder (``--out``, default ``./mtcae_runs``)::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -55,450 +54,40 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.tune.search import Searcher
 
+from orchestrator.cell import (
+    FINAL_MARKER,
+    STAGE_CV,
+    STAGE_SEARCH,
+    CellContext,
+    group_key,
+    run_cell,
+    short_hash,
+)
+from orchestrator.progress import SweepProgress
 from orchestrator.search_space import (
-    GroupSpace,
     SweepSpace,
     find_search_space,
     load_search_space,
 )
+from orchestrator.searcher import FoldCVSearcher, best_configuration, group_seed, open_study
+from orchestrator.sweep_errors import SweepError, SweepInterrupted
+
+# Names other modules, tests and benchmarks import from here (several moved to their own modules;
+# re-exported so ``orchestrator.sweep.X`` keeps working, old pickled Tune state included).
+__all__ = [
+    "DEFAULT_OUT", "DEFAULT_TRAINABLE", "FINAL_MARKER", "STAGE_CV", "STAGE_SEARCH",
+    "CellContext", "FoldCVSearcher", "SweepError", "SweepInterrupted", "SweepProgress",
+    "SweepResult", "SweepState", "best_configuration", "build_caches", "check_caches_exist",
+    "create_parent_runs", "group_key", "group_seed", "init_ray", "mlflow_ui_command",
+    "open_study", "run_cell", "run_demo", "run_sweep", "space_hash", "trial_resources",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path("mtcae_runs")
 DEFAULT_TRAINABLE = "orchestrator.trainable:train_trial"
-STAGE_SEARCH = "search"
-STAGE_CV = "cv"
-FINAL_MARKER = "test_uar"  # reported by the trainable only at the natural end of a trial
-_TUNE_KEYS = frozenset({"dataset", "arch", "fold", "config_index"})
 _STATE_VERSION = 1
-
-
-class SweepError(RuntimeError):
-    """A sweep cannot start or cannot finish; the message says what to do."""
-
-
-class SweepInterrupted(SweepError):
-    """The sweep was stopped (Ctrl+C) before a stage finished; re-running continues it."""
-
-
-# --------------------------------------------------------------------------------------------
-# Names and keys
-
-
-def group_key(dataset: str, arch: str) -> str:
-    """``"<dataset>__<arch>"``: the Optuna study name and the key of a group everywhere."""
-    return f"{dataset}__{arch}"
-
-
-def group_seed(base_seed: int, dataset: str, arch: str) -> int:
-    """A per-group sampler seed, so groups do not replay the same suggestion sequence."""
-    digest = hashlib.sha256(f"{base_seed}:{dataset}:{arch}".encode()).hexdigest()
-    return int(digest[:8], 16)
-
-
-def _short_hash(config: Mapping[str, Any], n: int = 8) -> str:
-    text = json.dumps(dict(config), sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha1(text.encode()).hexdigest()[:n]
-
-
-# --------------------------------------------------------------------------------------------
-# The trial wrapper: Tune config -> flat trial config -> trainable
-
-
-@dataclass(frozen=True)
-class CellContext:
-    """Everything a trial needs besides its Tune config; shipped to workers once per Tuner.
-
-    Attributes:
-        trainable: The trial function (``train_trial(flat_config)``) or ``"module:function"``.
-        stage: ``"search"`` or ``"cv"``.
-        sweep: Sweep name.
-        n_folds: Number of CV folds of the data.
-        cache_root: Absolute folder holding ``<dataset>/`` preprocessing caches.
-        fixed: Fixed trial settings of the search space.
-        chosen: Group key -> chosen searched values (stage ``cv``).
-        tracking_uri: MLflow tracking URI every trial logs to.
-        experiment: MLflow experiment name.
-        group_runs: Group key -> MLflow run id of the group's parent run.
-    """
-
-    trainable: Callable[[dict], Any] | str
-    stage: str
-    sweep: str
-    n_folds: int
-    cache_root: str
-    fixed: Mapping[str, Any]
-    chosen: Mapping[str, Mapping[str, Any]]
-    tracking_uri: str
-    experiment: str
-    group_runs: Mapping[str, str]
-
-    def trial_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        """The flat trial config of one Tune trial (only keys the trainable accepts)."""
-        dataset, arch, fold = config["dataset"], config["arch"], int(config["fold"])
-        key = group_key(dataset, arch)
-        searched = {k: v for k, v in config.items() if k not in _TUNE_KEYS}
-        if self.stage == STAGE_CV:
-            searched = {**self.chosen.get(key, {}), **searched}
-        hyper = {**self.fixed, **searched}
-        digest = _short_hash({**hyper, "dataset": dataset, "arch": arch})
-        if self.stage == STAGE_SEARCH:
-            digest = f"c{int(config['config_index']):03d}-{digest}"
-        return {
-            **hyper,
-            "dataset": dataset, "arch": arch, "fold": fold, "n_folds": self.n_folds,
-            "cache_dir": str(Path(self.cache_root) / dataset),
-            "sweep": self.sweep, "stage": self.stage,
-            "tracking_uri": self.tracking_uri, "experiment": self.experiment,
-            "parent_run_id": self.group_runs.get(key),
-            "trial_key": f"{self.sweep}/{self.stage}/{dataset}/{arch}/{digest}/f{fold}",
-        }
-
-    def resolve_trainable(self) -> Callable[[dict], Any]:
-        """The trial function, importing it when given as ``"module:function"``."""
-        if callable(self.trainable):
-            return self.trainable
-        module, _, name = self.trainable.partition(":")
-        return getattr(importlib.import_module(module), name)
-
-
-def run_cell(config: dict, context: CellContext) -> None:
-    """Tune function trainable of every sweep trial: build the flat config, run the trainable.
-
-    The trainable reports to Tune itself (``tune.report`` per epoch, with a checkpoint) and resumes
-    from ``tune.get_checkpoint()``; this wrapper only adds the sweep's bookkeeping keys.
-    """
-    # One INFO line per checkpoint from Ray's storage layer would drown the trainable's own log.
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    context.resolve_trainable()(context.trial_config(config))
-
-
-# --------------------------------------------------------------------------------------------
-# Stage A searcher
-
-
-class FoldCVSearcher(Searcher):
-    """Per-group Optuna search whose objective is the mean validation metric over CV folds.
-
-    Each configuration Optuna suggests (define-by-run, conditional parameters included) is handed
-    out as one Tune trial per search fold; when all its folds are finished the study is told the mean
-    of the folds' best ``metric`` values. Its state (configurations, fold assignments, the sampler
-    with its RNG) is saved with Tune's experiment state, and the study itself persists in an RDB
-    storage, so ``Tuner.restore`` continues the same search.
-
-    Args:
-        space: The group's define-by-run space (:meth:`SweepSpace.define_by_run`).
-        folds: Search folds; every configuration trains on each.
-        metric: Validation metric reported by the trainable.
-        mode: ``max`` or ``min``.
-        num_configs: Configurations to sample.
-        storage_url: Optuna RDB URL (``sqlite:///.../optuna.db``).
-        study_name: Optuna study name (``"<dataset>__<arch>"``).
-        seed: Sampler seed.
-        prune_without: Result key that only a naturally finished trial reports; a fold whose last
-            result lacks it was stopped early (ASHA) and prunes its configuration. None: never prune.
-    """
-
-    def __init__(
-        self,
-        space: GroupSpace,
-        folds: Sequence[int],
-        metric: str,
-        mode: str,
-        num_configs: int,
-        storage_url: str,
-        study_name: str,
-        seed: int,
-        prune_without: str | None = None,
-    ) -> None:
-        super().__init__(metric=metric, mode=mode)
-        self._space = space
-        self._folds = tuple(folds)
-        self._num_configs = num_configs
-        self._storage_url = storage_url
-        self._study_name = study_name
-        self._seed = seed
-        self._prune_without = prune_without
-        self._sampler: Any = None
-        self._study: Any = None
-        self._configs: list[dict[str, Any]] = []
-        self._assigned: dict[str, tuple[int, int]] = {}
-        self._best: dict[str, float] = {}
-        self._finished_naturally: dict[str, bool] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The study holds a database connection; it is reopened from the storage URL on demand.
-        return {k: v for k, v in self.__dict__.items() if k != "_study"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._study = None
-
-    # ---- Tune's Searcher interface
-
-    def set_search_properties(
-        self, metric: str | None, mode: str | None, config: dict, **spec: Any
-    ) -> bool:
-        """Accept metric/mode from ``TuneConfig``; the space is fixed at construction."""
-        self._metric = metric or self._metric
-        self._mode = mode or self._mode
-        return True
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        """The next (configuration, fold) pair, asking Optuna for a new configuration if needed."""
-        index = next((i for i, c in enumerate(self._configs) if c["next"] < len(self._folds)), None)
-        if index is None:
-            if len(self._configs) >= self._num_configs:
-                return Searcher.FINISHED
-            index = self._new_config()
-        config = self._configs[index]
-        fold = self._folds[config["next"]]
-        config["next"] += 1
-        self._assigned[trial_id] = (index, fold)
-        return {"dataset": self._space.dataset, "arch": self._space.arch, "fold": fold,
-                "config_index": index, **config["params"]}
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        """Track the best value of the metric a fold trial has reported."""
-        value = result.get(self._metric)
-        if self._prune_without and self._prune_without in result:
-            self._finished_naturally[trial_id] = True
-        if not isinstance(value, (int, float)) or math.isnan(value):
-            return
-        best = self._best.get(trial_id)
-        if best is None or (value > best if self._mode == "max" else value < best):
-            self._best[trial_id] = float(value)
-
-    def on_trial_complete(
-        self, trial_id: str, result: dict | None = None, error: bool = False
-    ) -> None:
-        """Record a fold's score; tell Optuna once every fold of the configuration is in."""
-        if trial_id not in self._assigned:
-            return
-        if result:
-            self.on_trial_result(trial_id, result)
-        index, fold = self._assigned.pop(trial_id)
-        config = self._configs[index]
-        score = None if error else self._best.pop(trial_id, None)
-        pruned = bool(self._prune_without) and not self._finished_naturally.pop(trial_id, False)
-        config["folds"][str(fold)] = {"score": score, "pruned": pruned and not error}
-        if len(config["folds"]) == len(self._folds):
-            self._tell(config)
-
-    def save(self, checkpoint_path: str) -> None:
-        """Pickle the search state (Tune calls this with every experiment snapshot)."""
-        import pickle
-
-        with open(checkpoint_path, "wb") as handle:
-            pickle.dump(self._get_state(), handle)
-
-    def restore(self, checkpoint_path: str) -> None:
-        """Load the state written by :meth:`save`."""
-        import pickle
-
-        with open(checkpoint_path, "rb") as handle:
-            self._set_state(pickle.load(handle))
-
-    # ---- internals
-
-    def _get_state(self) -> dict[str, Any]:
-        keys = ("_sampler", "_configs", "_assigned", "_best", "_finished_naturally")
-        return {k: getattr(self, k) for k in keys}
-
-    def _set_state(self, state: Mapping[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._study = None
-
-    def _get_study(self) -> Any:
-        if self._study is None:
-            self._study = open_study(self._storage_url, self._study_name, self._mode,
-                                     self._get_sampler())
-            self._fail_orphans()
-        return self._study
-
-    def _get_sampler(self) -> Any:
-        if self._sampler is None:
-            import optuna
-
-            self._sampler = optuna.samplers.TPESampler(seed=self._seed)
-        return self._sampler
-
-    def _fail_orphans(self) -> None:
-        """Fail study trials left RUNNING by a driver that died after asking for them."""
-        import optuna
-
-        mine = {c["number"] for c in self._configs if not c["told"]}
-        for trial in self._study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if trial.number not in mine:
-                logger.info("study %s: trial %d was lost with a previous driver; marking it failed",
-                            self._study_name, trial.number)
-                self._study.tell(trial.number, state=optuna.trial.TrialState.FAIL,
-                                 skip_if_finished=True)
-
-    def _new_config(self) -> int:
-        trial = self._get_study().ask()
-        params = self._space(trial)
-        self._configs.append({"number": trial.number, "params": params, "next": 0, "folds": {},
-                              "told": False, "value": None})
-        logger.debug("study %s: configuration %d = %s", self._study_name, len(self._configs) - 1, params)
-        return len(self._configs) - 1
-
-    def _tell(self, config: dict[str, Any]) -> None:
-        import optuna
-
-        states = optuna.trial.TrialState
-        folds = list(config["folds"].values())
-        values = [f["score"] for f in folds]
-        if any(v is None for v in values):
-            state, value = states.FAIL, None
-        elif any(f["pruned"] for f in folds):
-            state, value = states.PRUNED, None
-        else:
-            state, value = states.COMPLETE, sum(values) / len(values)
-        try:
-            self._get_study().tell(config["number"], value, state=state, skip_if_finished=True)
-        except (ValueError, RuntimeError) as err:  # e.g. a NaN value
-            logger.warning("study %s: could not record trial %d: %s", self._study_name,
-                           config["number"], err)
-        config["told"], config["value"] = True, value
-
-
-def open_study(storage_url: str, study_name: str, mode: str, sampler: Any = None) -> Any:
-    """Create or load an Optuna study in an RDB storage (quietly)."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(
-        storage_url, engine_kwargs={"connect_args": {"timeout": 60}}
-    )
-    return optuna.create_study(
-        storage=storage,
-        sampler=sampler,
-        study_name=study_name,
-        direction="maximize" if mode == "max" else "minimize",
-        load_if_exists=True,
-    )
-
-
-def best_configuration(storage_url: str, study_name: str, mode: str) -> tuple[dict, float, int]:
-    """The best completed configuration of a study: (params, mean score, number of completed).
-
-    Raises:
-        SweepError: No configuration of the group completed.
-    """
-    import optuna
-
-    study = open_study(storage_url, study_name, mode)
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not done:
-        raise SweepError(f"no configuration of group {study_name} completed on all its search "
-                         "folds; see the failed trials above, fix the cause and re-run the sweep")
-    best = max(done, key=lambda t: t.value if mode == "max" else -t.value)
-    return dict(best.params), float(best.value), len(done)
-
-
-# --------------------------------------------------------------------------------------------
-# Live progress
-
-
-class SweepProgress(tune.Callback):
-    """A Tune callback logging a compact per-group view: running / done / failed, best so far.
-
-    Stage ``search`` shows, per group, the best configuration's mean ``metric`` over the folds it has
-    finished on all of; stage ``cv`` shows the mean of ``test_uar`` over finished folds. Lines are
-    logged when a trial finishes or fails and otherwise at most every ``interval_s`` seconds.
-    """
-
-    def __init__(self, sweep: str, stage: str, metric: str, mode: str, folds_per_config: int = 1,
-                 interval_s: float = 30.0) -> None:
-        self.sweep, self.stage, self.metric, self.mode = sweep, stage, metric, mode
-        self.folds_per_config = folds_per_config
-        self.interval_s = interval_s
-        self._last = 0.0
-        self._last_text = ""
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        """Throttled view."""
-        if time.monotonic() - self._last >= self.interval_s:
-            self._log(trials)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        """View after each finished trial."""
-        self._log(trials)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        """Name the failed trial and its error file, then the view."""
-        logger.warning("[%s] trial %s (%s) failed: %s", self.sweep, trial.trial_id,
-                       _trial_label(trial.config), trial.error_file or "no error file")
-        self._log(trials)
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        """Final view of the stage."""
-        self._log(trials, force=True)
-
-    def render(self, trials: Sequence[Any]) -> str:
-        """The view as text (one header line, one line per group)."""
-        groups: dict[str, list[Any]] = {}
-        for trial in trials:
-            groups.setdefault(_trial_label(trial.config), []).append(trial)
-        if len(groups) == 1:
-            (label, members), = groups.items()
-            return (f"[{self.sweep}] {self.stage} {label}: {_status_counts(members)}  "
-                    f"{self._best_text(members)}").rstrip()
-        lines = [f"[{self.sweep}] {self.stage}: {_status_counts(trials)}"]
-        for label, members in groups.items():
-            lines.append(f"  {label:<28} {_status_counts(members):<44} {self._best_text(members)}".rstrip())
-        return "\n".join(lines)
-
-    def _log(self, trials: Sequence[Any], force: bool = False) -> None:
-        text = self.render(trials)
-        if force or text != self._last_text:
-            logger.info("%s", text)
-        self._last, self._last_text = time.monotonic(), text
-
-    def _best_text(self, trials: Sequence[Any]) -> str:
-        if self.stage == STAGE_CV:
-            values = [_last(t, FINAL_MARKER) for t in trials if t.status == "TERMINATED"]
-            values = [v for v in values if v is not None]
-            if not values:
-                return ""
-            return f"mean {FINAL_MARKER} {sum(values) / len(values):.4f} over {len(values)} folds"
-        by_config: dict[Any, list[float]] = {}
-        for trial in trials:
-            value = _best_value(trial, self.metric, self.mode)
-            if trial.status == "TERMINATED" and value is not None:
-                by_config.setdefault(trial.config.get("config_index"), []).append(value)
-        means = {c: sum(v) / len(v) for c, v in by_config.items() if len(v) == self.folds_per_config}
-        if not means:
-            return ""
-        pick = max if self.mode == "max" else min
-        index = pick(means, key=means.get)
-        return f"best {self.metric} {means[index]:.4f} (config {index}, {self.folds_per_config} folds)"
-
-
-def _trial_label(config: Mapping[str, Any]) -> str:
-    return f"{config.get('dataset')}/{config.get('arch')}"
-
-
-def _status_counts(trials: Sequence[Any]) -> str:
-    names = {"RUNNING": "running", "TERMINATED": "done", "ERROR": "failed", "PENDING": "pending",
-             "PAUSED": "paused"}
-    counts = {label: 0 for label in names.values()}
-    for trial in trials:
-        counts[names.get(trial.status, "pending")] += 1
-    return ", ".join(f"{n} {label}" for label, n in counts.items() if n or label != "paused")
-
-
-def _last(trial: Any, key: str) -> float | None:
-    value = (trial.last_result or {}).get(key)
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def _best_value(trial: Any, metric: str, mode: str) -> float | None:
-    stats = (trial.metric_analysis or {}).get(metric)
-    return float(stats[mode]) if stats and mode in stats else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,7 +135,7 @@ def space_hash(space: SweepSpace) -> str:
     fields = dataclasses.asdict(space)
     for volatile in ("path", "name", "description", "resources", "max_failures"):
         fields.pop(volatile)
-    return _short_hash(fields, 16)
+    return short_hash(fields, 16)
 
 
 # --------------------------------------------------------------------------------------------

@@ -371,7 +371,7 @@ def test_missing_cache_is_reported_before_anything_runs(tmp_path: Path) -> None:
 
 def test_trial_config_holds_only_trainable_keys(tmp_path: Path) -> None:
     from orchestrator.search_space import load_search_space
-    from orchestrator.sweep import CellContext
+    from orchestrator.cell import CellContext
 
     space_file = tmp_path / "fake.yaml"
     space_file.write_text(SPACE)
@@ -389,7 +389,7 @@ def test_trial_config_holds_only_trainable_keys(tmp_path: Path) -> None:
 
 
 def test_group_seeds_differ_and_are_stable() -> None:
-    from orchestrator.sweep import group_seed
+    from orchestrator.searcher import group_seed
 
     seeds = {group_seed(0, d, a) for d in ("ravdess", "mead") for a in ("stl", "cascaded_vit")}
     assert len(seeds) == 4 and group_seed(0, "mead", "stl") == group_seed(0, "mead", "stl")
@@ -419,7 +419,7 @@ def test_asha_prunes_stopped_configurations_within_a_group(ray_local, tmp_path: 
 def test_progress_view_counts_statuses_and_best_mean_per_group() -> None:
     from types import SimpleNamespace
 
-    from orchestrator.sweep import SweepProgress
+    from orchestrator.progress import SweepProgress
 
     def trial(arch: str, status: str, index: int, fold: int, best: float) -> SimpleNamespace:
         config = {"dataset": "demo", "arch": arch, "fold": fold, "config_index": index}
