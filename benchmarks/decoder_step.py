@@ -33,8 +33,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import resource
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,8 +48,12 @@ from benchmarks.common import (
     Result,
     default_device,
     error_result,
+    glibc_default_heap,
+    heap_retention,
     make_result,
     matmul_peak_flops,
+    prefault_heap,
+    release_heap,
     summarize_times,
     time_call,
 )
@@ -100,8 +105,13 @@ class StepSetting:
         img_size: Frame size S.
         num_classes: Expression classes K.
         rounds: Timed steps per side (alternated; each also measures peak memory).
-        warmup_clips: Clips in one untimed warm-up step per side (optimizer state, library
-            initialisation); 0 skips it.
+        warmup: One untimed step per side first (optimizer state, library start-up, and the
+            retained heap filled); without it, on CPU the retained heap is pre-faulted to the
+            estimated need instead, which reaches the same steady state in seconds.
+        retain_heap: On CPU, run both sides' steps with ``benchmarks.common.heap_retention``
+            (malloc keeps freed memory, as a long training loop should, like CUDA's caching
+            allocator); False leaves glibc's default, under which every block of 32 MiB and up is
+            page-faulted afresh on every step.
     """
 
     decoder: str | DecoderConfig = "official"
@@ -113,7 +123,8 @@ class StepSetting:
     img_size: int = 224
     num_classes: int = 7
     rounds: int = 2
-    warmup_clips: int = 1
+    warmup: bool = True
+    retain_heap: bool = True
 
     @property
     def label(self) -> str:
@@ -224,13 +235,17 @@ def attention_matrix_bytes(setting: StepSetting, num_tokens: int) -> int:
 
 
 def estimated_baseline_bytes(setting: StepSetting, num_tokens: int) -> int:
-    """Rough peak of the eager baseline: per layer it keeps the softmax output, and with dropout the
-    float keep-mask and the dropped probabilities too, for backward (3 decoders x depth layers),
-    plus the batch of encoder tokens."""
+    """Rough peak of the eager baseline (the system needs less): per layer the activations kept for
+    backward, the softmax output and, with dropout, the float keep-mask and the dropped
+    probabilities too (3 decoders x depth layers), plus the batch of encoder tokens."""
     cfg = setting.decoder_cfg()
     per_layer = attention_matrix_bytes(setting, num_tokens) * (3 if cfg.attn_drop > 0 else 1)
     tokens = setting.batch_size * num_tokens * setting.encoder_dim * 4
-    return 3 * cfg.depth * per_layer + tokens
+    # Kept for backward per token and layer: 5 D-wide (norm inputs/outputs, residuals), 4 I-wide
+    # (Q, K, V, attention output), 3 H-wide (MLP activation, its dropout mask, GELU input) floats.
+    hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+    activations = setting.batch_size * num_tokens * 4 * (5 * cfg.embed_dim + 4 * cfg.inner_dim + 3 * hidden)
+    return 3 * cfg.depth * (per_layer + activations) + tokens
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
@@ -298,13 +313,12 @@ class StepRunner:
         self.loss_fn = MultiTaskLoss()
         self.last_loss = float("nan")
 
-    def step(self, clips: int | None = None) -> None:
-        """Forward, loss, backward, AdamW update (on the first ``clips`` clips only, if given)."""
-        tokens, batch = self.tokens[:clips], {k: v[:clips] for k, v in self.batch.items()}
+    def step(self) -> None:
+        """Forward, loss, backward, AdamW update."""
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.tokens.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            loss = self.loss_fn(self.forward(tokens), batch)["loss"]
+            loss = self.loss_fn(self.forward(self.tokens), self.batch)["loss"]
         loss.backward()
         self.optimizer.step()
         self.last_loss = float(loss.detach())
@@ -328,28 +342,53 @@ def build_runners(setting: StepSetting, device: torch.device, seed: int = 0
     return system, baseline, model, num_tokens
 
 
-def time_steps(runners: dict[str, StepRunner], device: torch.device, rounds: int
-               ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int | None]]:
-    """Alternate timed steps of each runner; each step also measures its peak memory (free on CPU:
-    the kernel's RSS high-water mark; on CUDA the allocator's own counter).
+@dataclass
+class Side:
+    """One side of the comparison and what its timed steps measured."""
 
-    Returns:
-        Wall seconds per step, process CPU seconds per step divided by the torch thread count
-        (close to the wall time on an idle machine, lower when other work competed for the
-        cores), and the largest peak memory, per runner.
-    """
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    cpu: dict[str, list[float]] = {name: [] for name in runners}
-    peaks: dict[str, int | None] = dict.fromkeys(runners)
-    for _ in range(rounds):
-        for name, runner in runners.items():
-            cpu_start = time.process_time()
-            with PeakMemory(device) as mem:
-                times[name].append(time_call(runner.step, device))
-            cpu[name].append((time.process_time() - cpu_start) / torch.get_num_threads())
-            if mem.peak_bytes is not None:
-                peaks[name] = max(peaks[name] or 0, mem.peak_bytes)
-    return times, cpu, peaks
+    runner: StepRunner
+    retain_heap: bool
+    wall_s: list[float] = field(default_factory=list)
+    cpu_per_thread_s: list[float] = field(default_factory=list)
+    page_faults: list[int] = field(default_factory=list)
+    system_cpu_s: list[float] = field(default_factory=list)
+    peak_memory_bytes: int | None = None
+
+    def step(self, device: torch.device, record: bool = True) -> None:
+        """One step under this side's heap policy; records wall and CPU time, page faults, memory."""
+        if device.type == "cpu":
+            heap_retention(self.retain_heap)
+        before, cpu_start = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+        with PeakMemory(device) as mem:
+            wall = time_call(self.runner.step, device)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        if not record:
+            return
+        self.wall_s.append(wall)
+        self.cpu_per_thread_s.append((time.process_time() - cpu_start) / torch.get_num_threads())
+        self.page_faults.append(after.ru_minflt - before.ru_minflt)
+        self.system_cpu_s.append(after.ru_stime - before.ru_stime)
+        if mem.peak_bytes is not None:
+            self.peak_memory_bytes = max(self.peak_memory_bytes or 0, mem.peak_bytes)
+
+
+def time_steps(sides: dict[str, Side], device: torch.device, rounds: int, warmup: bool,
+               prefault_bytes: int = 0) -> None:
+    """Warm-up steps (or, on CPU with a retained heap, a pre-fault), then alternated timed steps."""
+    try:
+        if warmup:
+            for side in sides.values():
+                side.step(device, record=False)
+        elif device.type == "cpu" and prefault_bytes and any(s.retain_heap for s in sides.values()):
+            heap_retention(True)
+            prefault_heap(prefault_bytes)
+        for _ in range(rounds):
+            for side in sides.values():
+                side.step(device)
+    finally:
+        if device.type == "cpu":
+            heap_retention(False)
+            release_heap()
 
 
 def run_setting(setting: StepSetting, device: torch.device, peak_size: int | None = None) -> list[Result]:
@@ -369,41 +408,40 @@ def run_setting(setting: StepSetting, device: torch.device, peak_size: int | Non
     system, baseline, model, num_tokens = build_runners(setting, device)
     peak_dtype = torch.bfloat16 if setting.precision == "bf16" else torch.float32
     peak = matmul_peak_flops(device, peak_dtype, peak_size)
-    if setting.warmup_clips:
-        system.step(setting.warmup_clips)
-        baseline.step(setting.warmup_clips)
-    times, cpu, mem = time_steps({"system": system, "baseline": baseline}, device, setting.rounds)
+    if device.type == "cpu":
+        glibc_default_heap()  # a known starting point, whatever ran before in this process
+    sides = {name: Side(runner, setting.retain_heap) for name, runner in (("system", system), ("baseline", baseline))}
+    time_steps(sides, device, setting.rounds, setting.warmup, prefault_bytes=int(1.25 * need))
     peak = max(peak, matmul_peak_flops(device, peak_dtype, peak_size))
     flops = step_flops(model, num_tokens, setting.batch_size)
-    stats = {side: summarize_times(t) for side, t in times.items()}
-    speedup = stats["baseline"]["best_s"] / stats["system"]["best_s"]
-    achieved = flops / stats["system"]["best_s"]
-    fraction = achieved / peak
+    raw = {name: _side_numbers(side, setting.batch_size, flops) for name, side in sides.items()}
+    speedup = raw["baseline"]["best_s"] / raw["system"]["best_s"]
+    fraction = raw["system"]["flop_per_s"] / peak
     cfg = setting.decoder_cfg()
-    raw = {
-        "setting": {**asdict(replace(setting, decoder=setting.label.split("/")[0])), "num_tokens": num_tokens,
-                    "attn_drop_effective": cfg.attn_drop, "device": str(device)},
-        "attention_path": attention_path(cfg, device, setting.precision),
-        "step_flops": flops,
-        "system": {**stats["system"], "clips_per_s": setting.batch_size / stats["system"]["best_s"],
-                   "flop_per_s": achieved, "peak_memory_bytes": mem["system"], "loss": system.last_loss,
-                   "cpu_per_thread_s": cpu["system"]},
-        "baseline": {**stats["baseline"], "clips_per_s": setting.batch_size / stats["baseline"]["best_s"],
-                     "flop_per_s": flops / stats["baseline"]["best_s"], "peak_memory_bytes": mem["baseline"],
-                     "loss": baseline.last_loss, "cpu_per_thread_s": cpu["baseline"]},
-        "cpu_time_ratio": min(cpu["baseline"]) / min(cpu["system"]),
-        "attention_matrix_bytes_per_layer": attention_matrix_bytes(setting, num_tokens),
-    }
-    target = TARGET_SPEEDUP.get(device.type, TARGET_SPEEDUP["cpu"])
+    described = {**asdict(replace(setting, decoder=setting.label.split("/")[0])), "num_tokens": num_tokens,
+                 "attn_drop_effective": cfg.attn_drop, "device": str(device)}
     name = f"decoder_step/{setting.label}"
     return [
-        make_result(name, speedup, target, summary=f"{raw['system']['clips_per_s']:.3g} vs "
-                    f"{raw['baseline']['clips_per_s']:.3g} clips/s", **raw),
+        make_result(name, speedup, TARGET_SPEEDUP.get(device.type, TARGET_SPEEDUP["cpu"]),
+                    summary=f"{raw['system']['clips_per_s']:.3g} vs {raw['baseline']['clips_per_s']:.3g} clips/s",
+                    setting=described, attention_path=attention_path(cfg, device, setting.precision),
+                    step_flops=flops, **raw,
+                    cpu_time_ratio=min(sides["baseline"].cpu_per_thread_s) / min(sides["system"].cpu_per_thread_s),
+                    attention_matrix_bytes_per_layer=attention_matrix_bytes(setting, num_tokens)),
         make_result(f"{name}/fraction_of_peak", fraction, TARGET_FRACTION_OF_PEAK,
-                    summary=f"{achieved / 1e9:.1f} of {peak / 1e9:.1f} {setting.precision} GFLOP/s",
-                    achieved_flop_per_s=achieved, matmul_peak_flop_per_s=peak,
-                    setting=raw["setting"]),
+                    summary=f"{raw['system']['flop_per_s'] / 1e9:.1f} of {peak / 1e9:.1f} {setting.precision} GFLOP/s",
+                    achieved_flop_per_s=raw["system"]["flop_per_s"], matmul_peak_flop_per_s=peak,
+                    setting=described),
     ]
+
+
+def _side_numbers(side: Side, batch_size: int, flops: int) -> dict[str, Any]:
+    """Raw numbers of one side: times (best is used), throughput, memory, page faults, final loss."""
+    stats = summarize_times(side.wall_s)
+    return {**stats, "clips_per_s": batch_size / stats["best_s"], "flop_per_s": flops / stats["best_s"],
+            "peak_memory_bytes": side.peak_memory_bytes, "cpu_per_thread_s": side.cpu_per_thread_s,
+            "page_faults": side.page_faults, "system_cpu_s": side.system_cpu_s,
+            "retained_heap": side.retain_heap, "loss": side.runner.last_loss}
 
 
 def attention_path(cfg: DecoderConfig, device: torch.device, precision: Precision) -> str:
@@ -421,15 +459,16 @@ def quick_settings() -> list[StepSetting]:
     The targets' shape (official preset, batch 16, 1568 tokens) with fused attention
     (``attn_drop=0``), one timed step per side; at small batches to fit the budget: the preset as
     trained (attention dropout 0.3, which on CPU has no fused kernel), the bf16-autocast option
-    (against the bf16 matmul peak) and the paper preset. No warm-up steps: a CPU step's one-off
-    costs (optimizer state, thread pools, already started by the matmul-peak probe) are
-    milliseconds against steps of seconds, and the whole suite must fit in 10 minutes.
+    (against the bf16 matmul peak) and the paper preset. No warm-up steps: the retained heap is
+    pre-faulted instead (seconds, where a warm-up step of each side costs minutes); the remaining
+    one-off costs (optimizer state, thread pools already started by the matmul-peak probe) are
+    milliseconds against steps of seconds.
     """
     return [
-        StepSetting("official", batch_size=16, attn_drop=0.0, rounds=1, warmup_clips=0),
-        StepSetting("official", batch_size=2, rounds=1, warmup_clips=0),
-        StepSetting("official", batch_size=1, attn_drop=0.0, precision="bf16", rounds=1, warmup_clips=0),
-        StepSetting("paper", batch_size=1, attn_drop=0.0, rounds=1, warmup_clips=0),
+        StepSetting("official", batch_size=16, attn_drop=0.0, rounds=1, warmup=False),
+        StepSetting("official", batch_size=2, rounds=1, warmup=False),
+        StepSetting("official", batch_size=1, attn_drop=0.0, precision="bf16", rounds=1, warmup=False),
+        StepSetting("paper", batch_size=1, attn_drop=0.0, rounds=1, warmup=False),
     ]
 
 
