@@ -54,9 +54,10 @@ def finite_numbers(obj: object) -> list[float]:
     return []
 
 
-@pytest.mark.parametrize(("attn_drop", "precision"), [(None, "fp32"), (0.0, "fp32"), (0.0, "bf16")])
-def test_decoder_step_runs_and_reports(attn_drop: float | None, precision: str) -> None:
-    setting = toy_step(attn_drop=attn_drop, precision=precision)
+@pytest.mark.parametrize(("attn_drop", "precision", "retain_heap"),
+                         [(None, "fp32", False), (0.0, "fp32", False), (0.0, "bf16", False), (0.0, "fp32", True)])
+def test_decoder_step_runs_and_reports(attn_drop: float | None, precision: str, retain_heap: bool) -> None:
+    setting = toy_step(attn_drop=attn_drop, precision=precision, retain_heap=retain_heap, warmup=not retain_heap)
     results = ds.run(quick=False, device=CPU, settings=[setting], peak_size=PEAK_SIZE)
     speed, fraction = results
     for r in results:
@@ -71,6 +72,8 @@ def test_decoder_step_runs_and_reports(attn_drop: float | None, precision: str) 
     assert speed["ratio"] == pytest.approx(speed["baseline"]["best_s"] / speed["system"]["best_s"])
     assert fraction["ratio"] == pytest.approx(fraction["achieved_flop_per_s"] / fraction["matmul_peak_flop_per_s"])
     assert ("math" in speed["attention_path"]) == (speed["setting"]["attn_drop_effective"] > 0)
+    assert speed["system"]["retained_heap"] is speed["baseline"]["retained_heap"] is retain_heap
+    assert speed["name"].endswith("/retained_heap") is retain_heap
     assert finite_numbers(results)
 
 
