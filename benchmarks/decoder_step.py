@@ -112,6 +112,7 @@ class StepSetting:
             (malloc keeps freed memory, like CUDA's caching allocator); False (default) leaves
             glibc's default, under which every block of 32 MiB and up is page-faulted afresh on
             every step, which is what a PyTorch process, the trainable included, runs with.
+        sides: What to run: both, or ``("system",)`` for a fraction-of-peak figure alone.
     """
 
     decoder: str | DecoderConfig = "official"
@@ -125,6 +126,7 @@ class StepSetting:
     rounds: int = 2
     warmup: bool = True
     retain_heap: bool = False
+    sides: tuple[str, ...] = ("system", "baseline")
 
     @property
     def label(self) -> str:
@@ -235,12 +237,12 @@ def attention_matrix_bytes(setting: StepSetting, num_tokens: int) -> int:
     return setting.batch_size * setting.decoder_cfg().num_heads * num_tokens**2 * 4
 
 
-def estimated_baseline_bytes(setting: StepSetting, num_tokens: int) -> int:
+def estimated_baseline_bytes(setting: StepSetting, num_tokens: int, attention_matrices: bool = True) -> int:
     """Rough peak of the eager baseline (the system needs less): per layer the activations kept for
     backward, the softmax output and, with dropout, the float keep-mask and the dropped
     probabilities too (3 decoders x depth layers), plus the batch of encoder tokens."""
     cfg = setting.decoder_cfg()
-    per_layer = attention_matrix_bytes(setting, num_tokens) * (3 if cfg.attn_drop > 0 else 1)
+    per_layer = attention_matrix_bytes(setting, num_tokens) * (3 if cfg.attn_drop > 0 else 1) * attention_matrices
     tokens = setting.batch_size * num_tokens * setting.encoder_dim * 4
     # Kept for backward per token and layer: 5 D-wide (norm inputs/outputs, residuals), 4 I-wide
     # (Q, K, V, attention output), 3 H-wide (MLP activation, its dropout mask, GELU input) floats.
@@ -396,10 +398,11 @@ def run_setting(setting: StepSetting, device: torch.device, peak_size: int | Non
     """Measure one setting: speed ratio vs the baseline and fraction of the matmul peak.
 
     Returns:
-        Two results: ``decoder_step/<label>`` (speed-up) and ``decoder_step/<label>/fraction_of_peak``.
+        ``decoder_step/<label>`` (speed-up; only when the baseline is measured) and
+        ``decoder_step/<label>/fraction_of_peak``.
 
     Raises:
-        MemoryError: The eager baseline's attention matrices would not fit in free memory.
+        MemoryError: The step (the eager baseline's, if measured) would not fit in free memory.
     """
     num_tokens = setting.model_config().encoder_cfg().num_tokens
     need, free = estimated_baseline_bytes(setting, num_tokens), available_memory_bytes(device)
@@ -411,29 +414,32 @@ def run_setting(setting: StepSetting, device: torch.device, peak_size: int | Non
     peak = matmul_peak_flops(device, peak_dtype, peak_size)
     if device.type == "cpu":
         glibc_default_heap()  # a known starting point, whatever ran before in this process
-    sides = {name: Side(runner, setting.retain_heap) for name, runner in (("system", system), ("baseline", baseline))}
-    time_steps(sides, device, setting.rounds, setting.warmup, prefault_bytes=int(1.25 * need))
+    runners = {"system": system, "baseline": baseline}
+    sides = {name: Side(runners[name], setting.retain_heap) for name in setting.sides}
+    heap_need = need if "baseline" in sides else estimated_baseline_bytes(setting, num_tokens, attention_matrices=False)
+    time_steps(sides, device, setting.rounds, setting.warmup, prefault_bytes=int(1.25 * heap_need))
     peak = max(peak, matmul_peak_flops(device, peak_dtype, peak_size))
     flops = step_flops(model, num_tokens, setting.batch_size)
     raw = {name: _side_numbers(side, setting.batch_size, flops) for name, side in sides.items()}
-    speedup = raw["baseline"]["best_s"] / raw["system"]["best_s"]
-    fraction = raw["system"]["flop_per_s"] / peak
     cfg = setting.decoder_cfg()
     described = {**asdict(replace(setting, decoder=setting.label.split("/")[0])), "num_tokens": num_tokens,
                  "attn_drop_effective": cfg.attn_drop, "device": str(device)}
     name = f"decoder_step/{setting.label}"
-    return [
-        make_result(name, speedup, TARGET_SPEEDUP.get(device.type, TARGET_SPEEDUP["cpu"]),
-                    summary=f"{raw['system']['clips_per_s']:.3g} vs {raw['baseline']['clips_per_s']:.3g} clips/s",
-                    setting=described, attention_path=attention_path(cfg, device, setting.precision),
-                    step_flops=flops, **raw,
-                    cpu_time_ratio=min(sides["baseline"].cpu_per_thread_s) / min(sides["system"].cpu_per_thread_s),
-                    attention_matrix_bytes_per_layer=attention_matrix_bytes(setting, num_tokens)),
-        make_result(f"{name}/fraction_of_peak", fraction, TARGET_FRACTION_OF_PEAK,
-                    summary=f"{raw['system']['flop_per_s'] / 1e9:.1f} of {peak / 1e9:.1f} {setting.precision} GFLOP/s",
-                    achieved_flop_per_s=raw["system"]["flop_per_s"], matmul_peak_flop_per_s=peak,
-                    setting=described),
-    ]
+    achieved = raw["system"]["flop_per_s"]
+    results = [make_result(
+        f"{name}/fraction_of_peak", achieved / peak, TARGET_FRACTION_OF_PEAK,
+        summary=f"{achieved / 1e9:.1f} of {peak / 1e9:.1f} {setting.precision} GFLOP/s",
+        achieved_flop_per_s=achieved, matmul_peak_flop_per_s=peak, setting=described,
+        **({} if "baseline" in sides else {"system": raw["system"], "step_flops": flops}))]
+    if "baseline" in sides:
+        results.insert(0, make_result(
+            name, raw["baseline"]["best_s"] / raw["system"]["best_s"],
+            TARGET_SPEEDUP.get(device.type, TARGET_SPEEDUP["cpu"]),
+            summary=f"{raw['system']['clips_per_s']:.3g} vs {raw['baseline']['clips_per_s']:.3g} clips/s",
+            setting=described, attention_path=attention_path(cfg, device, setting.precision), step_flops=flops,
+            **raw, cpu_time_ratio=min(sides["baseline"].cpu_per_thread_s) / min(sides["system"].cpu_per_thread_s),
+            attention_matrix_bytes_per_layer=attention_matrix_bytes(setting, num_tokens)))
+    return results
 
 
 def _side_numbers(side: Side, batch_size: int, flops: int) -> dict[str, Any]:
@@ -458,17 +464,19 @@ def quick_settings() -> list[StepSetting]:
     """What ``--quick`` measures on a 2-core CPU in a few minutes.
 
     The targets' shape (official preset, batch 16, 1568 tokens) with fused attention
-    (``attn_drop=0``), one timed step per side; at small batches to fit the budget: the preset as
-    trained (attention dropout 0.3, which on CPU has no fused kernel), the bf16-autocast option
-    (against the bf16 matmul peak) and the paper preset. No warm-up steps: with glibc's default
+    (``attn_drop=0``), one timed step per side, then the system alone on a retained, pre-faulted
+    heap (its fraction of peak when run like a long training loop); at batch 1 to fit the budget:
+    the preset as trained (attention dropout 0.3, which on CPU has no fused kernel) and the paper
+    preset. The bf16 option is in the full run. No warm-up steps: with glibc's default
     heap every step page-faults its large blocks afresh, so the first step is the steady state up
     to one-off costs (optimizer state, thread pools already started by the matmul-peak probe) of
     milliseconds against steps of seconds to a minute.
     """
     return [
         StepSetting("official", batch_size=16, attn_drop=0.0, rounds=1, warmup=False),
-        StepSetting("official", batch_size=2, rounds=1, warmup=False),
-        StepSetting("official", batch_size=1, attn_drop=0.0, precision="bf16", rounds=1, warmup=False),
+        StepSetting("official", batch_size=16, attn_drop=0.0, rounds=1, warmup=False, retain_heap=True,
+                    sides=("system",)),
+        StepSetting("official", batch_size=1, rounds=1, warmup=False),
         StepSetting("paper", batch_size=1, attn_drop=0.0, rounds=1, warmup=False),
     ]
 
@@ -480,7 +488,8 @@ def full_settings(device: torch.device) -> list[StepSetting]:
     settings = [StepSetting(preset, batch_size=16, attn_drop=drop, precision=precision)
                 for preset in ("official", "paper") for drop in (0.0, None)]
     if device.type == "cpu":
-        settings.append(StepSetting("official", batch_size=16, attn_drop=0.0, retain_heap=True))
+        settings += [StepSetting("official", batch_size=16, attn_drop=0.0, retain_heap=True),
+                     StepSetting("official", batch_size=2, attn_drop=0.0, precision="bf16")]
     return settings
 
 

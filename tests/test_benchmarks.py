@@ -77,6 +77,14 @@ def test_decoder_step_runs_and_reports(attn_drop: float | None, precision: str, 
     assert finite_numbers(results)
 
 
+def test_system_only_setting_reports_its_fraction_of_peak() -> None:
+    setting = toy_step(attn_drop=0.0, retain_heap=True, warmup=False, sides=("system",))
+    (result,) = ds.run(quick=False, device=CPU, settings=[setting], peak_size=PEAK_SIZE)
+    assert_well_formed(result)
+    assert result["name"].endswith("/retained_heap/fraction_of_peak") and result["system"]["retained_heap"]
+    assert result["ratio"] == pytest.approx(result["achieved_flop_per_s"] / result["matmul_peak_flop_per_s"])
+
+
 def test_baseline_decoder_computes_the_same_function() -> None:
     system, _, model, _ = ds.build_runners(toy_step(), CPU)
     model.eval()
@@ -248,6 +256,7 @@ def test_model_gradients_equal_the_eager_baselines_without_dropout() -> None:
 
 def test_quick_mode_keeps_the_targets_shape() -> None:
     first = ds.quick_settings()[0]
+    assert first.sides == ("system", "baseline") and not first.retain_heap
     cfg = first.model_config()
     assert (first.decoder, first.batch_size, cfg.encoder_cfg().num_tokens, cfg.encoder_cfg().embed_dim) == (
         "official", 16, 1568, 1024)
