@@ -8,24 +8,35 @@ Baseline: the same weights run by :func:`baseline_forward_tokens`, a straightfor
 implementation (explicit ``softmax(Q K^T / sqrt(d)) V`` attention, probability dropout with
 ``F.dropout``), with the textbook per-parameter ``AdamW(foreach=False)``.
 
-System: the real model (``F.scaled_dot_product_attention``, see ``model/decoder.py``) with a fused
-AdamW, in float32 on CPU (optionally bf16 autocast, reported against the bf16 matmul peak).
+System: the real model (``F.scaled_dot_product_attention``, see ``model/decoder.py``) with a
+multi-tensor AdamW (fused on CUDA), in float32 on CPU (optionally bf16 autocast, reported against
+the bf16 matmul peak). Both sides run in the same process, alternated, under the same heap policy.
 
 Analytic FLOPs of one step (:func:`step_flops`): backward costs twice the forward for every trained
 matmul (input grad + weight grad), except the shared projection whose input, the frozen encoder's
 tokens, needs no gradient: step = 3 x forward(decoders + heads) + 2 x forward(projection).
 
-What was measured on the 2-core AMD EPYC (Zen 4, AVX-512, no AMX; torch 2.14) while tuning, in CPU
-seconds because other jobs shared the machine: the CPU flash kernel runs its forward at ~100% of the
-fp32 matmul peak and its backward at ~80% (it recomputes Q K^T: 5 matmuls where the analytic count
-has 4); explicit attention at head width 256 spends as long again on softmax, dropout and the N x N
-tensors. ``bernoulli_`` (``F.dropout``'s mask) costs about twice ``rand`` + compare, hence
-``model.decoder.Dropout``. Splitting the fused ``kv`` projection into two matmuls (so dK/dV need no
-re-packing copy) measured no different and was dropped. bf16 autocast: matmuls
-2.3x faster, CPU flash attention about 1.1x. A fused AdamW step (6 ms foreach vs 12 ms fused) and
-thread settings (2 threads = 2 cores already) are not where the time goes. ``torch.compile`` of
-``forward_tokens`` (official preset, batch 2) took 350 s to compile under load and its steps were
-0.75x-1.03x of eager's time; not used.
+Findings while tuning (2-core AMD EPYC Zen 4 VM, AVX-512, no AMX, torch 2.14; other jobs shared
+the machine, so CPU seconds were compared as well as wall time):
+
+- In CPU time the eager baseline is about as fast as the system for the official preset (~68
+  user-seconds per batch-16 step each, once neither pays page faults): MKL's batched matmuls and a
+  softmax over warm memory are efficient, while the CPU flash kernel runs its forward at ~95% of
+  the fp32 matmul peak but its backward at ~65-80% (it recomputes Q K^T: 5 matmuls where the
+  analytic count has 4).
+- What separates them is memory: 5.5 vs 9.9 GiB of live heap at batch 16, and with glibc's
+  default heap (every block of 32 MiB and up is a fresh mmap) ~3 M vs ~10 M page faults per step.
+  On this VM a fault costs several microseconds of guest CPU plus host-side stalls that show only
+  in wall time, so wall-clock ratios swung between 1.0x and 3x from run to run with the host's
+  memory state. ``retain_heap`` (malloc keeps freed memory) removes most of that: the system's
+  step went from ~42-70 s to ~36-46 s wall.
+- ``bernoulli_`` (``F.dropout``'s CPU mask) costs about twice ``rand`` + compare and allocates a
+  second tensor, hence ``model.decoder.Dropout``. Splitting the fused ``kv`` projection into two
+  matmuls (no dK/dV re-packing copy) measured no different and was dropped. bf16 autocast: matmuls
+  2.3x faster, CPU flash attention ~1.1x. foreach AdamW 6 ms vs fused 12 ms; 2 threads = 2 cores.
+  Transparent huge pages for PyTorch's allocations (``THP_MEM_ALLOC_ENABLE=1``) made steps slower
+  here (compaction). ``torch.compile`` of ``forward_tokens`` (official, batch 2) took 350 s to
+  compile under load and its steps were 0.75x-1.03x of eager's time: not used.
 """
 
 from __future__ import annotations
@@ -74,13 +85,21 @@ NOTES = (
     "speed-up targets are out of reach there. On CUDA the flash / memory-efficient kernels apply the "
     "dropout inside the kernel. DecoderConfig(attn_drop=0.0) is the switch that makes CPU training "
     "fused (rows named attn_drop0): a different regulariser, the same architecture and weights.",
-    "The paper preset has 3 heads of width 512: the explicit baseline's softmax and dropout work "
-    "grows with N^2 while its matmuls grow with N^2 x head width, so its overhead is half the official "
-    "preset's, and the CPU flash kernel's backward is no faster than batched matmuls at that width; "
-    "the paper rows' speed-up is therefore smaller.",
-    "bf16 rows (autocast; the baseline stays fp32) report their fraction against the bf16 matmul "
-    "peak. On a CPU without AMX the flash attention kernel gains little from bf16, while the bf16 "
-    "matmul peak is more than twice the fp32 one, so that fraction is low.",
+    "On CPU the fused kernel's gain is memory, not arithmetic: in CPU seconds the eager baseline's "
+    "batched matmuls and softmax are about as fast (see cpu_time_ratio), while its N x N tensors "
+    "double the live memory and, with glibc's default heap, page-fault gigabytes of fresh memory "
+    "every step (see page_faults and system_cpu_s). How much wall time that costs depends on the "
+    "machine and, on a VM, on the host: the wall-clock ratio of the same code varied between about "
+    "1x and 3x across runs on the reference VM.",
+    "retained_heap rows run with benchmarks.common.heap_retention(True): malloc keeps freed memory "
+    "for reuse (the CPU analogue of CUDA's caching allocator), which is how a long CPU training loop "
+    "should run; the trainable does not do this yet.",
+    "The paper preset has 3 heads of width 512: the explicit baseline's softmax work grows with N^2 "
+    "while its matmuls grow with N^2 x head width, so its overhead is half the official preset's "
+    "and the paper rows' speed-up is smaller.",
+    "bf16 (full run; autocast, the baseline stays fp32) is reported against the bf16 matmul peak. "
+    "On a CPU without AMX the flash attention kernel gains little from bf16 while the bf16 matmul "
+    "peak is more than twice the fp32 one.",
     "torch.compile is not used: compiling the step took minutes on a 2-core CPU and the compiled "
     "step was not reliably faster than eager (see the module docstring).",
 )
@@ -417,7 +436,10 @@ def run_setting(setting: StepSetting, device: torch.device, peak_size: int | Non
     runners = {"system": system, "baseline": baseline}
     sides = {name: Side(runners[name], setting.retain_heap) for name in setting.sides}
     heap_need = need if "baseline" in sides else estimated_baseline_bytes(setting, num_tokens, attention_matrices=False)
-    time_steps(sides, device, setting.rounds, setting.warmup, prefault_bytes=int(1.25 * heap_need))
+    # Twice the estimated live peak: the heap fragments (posix_memalign cannot reuse a freed block
+    # for a request of the same size), bounded by what the machine has free.
+    prefault = int(min(2 * heap_need, 0.6 * free)) if free is not None else 2 * heap_need
+    time_steps(sides, device, setting.rounds, setting.warmup, prefault_bytes=prefault)
     peak = max(peak, matmul_peak_flops(device, peak_dtype, peak_size))
     flops = step_flops(model, num_tokens, setting.batch_size)
     raw = {name: _side_numbers(side, setting.batch_size, flops) for name, side in sides.items()}
@@ -432,14 +454,25 @@ def run_setting(setting: StepSetting, device: torch.device, peak_size: int | Non
         achieved_flop_per_s=achieved, matmul_peak_flop_per_s=peak, setting=described,
         **({} if "baseline" in sides else {"system": raw["system"], "step_flops": flops}))]
     if "baseline" in sides:
+        cpu_ratio = min(sides["baseline"].cpu_per_thread_s) / min(sides["system"].cpu_per_thread_s)
         results.insert(0, make_result(
             name, raw["baseline"]["best_s"] / raw["system"]["best_s"],
             TARGET_SPEEDUP.get(device.type, TARGET_SPEEDUP["cpu"]),
-            summary=f"{raw['system']['clips_per_s']:.3g} vs {raw['baseline']['clips_per_s']:.3g} clips/s",
-            setting=described, attention_path=attention_path(cfg, device, setting.precision), step_flops=flops,
-            **raw, cpu_time_ratio=min(sides["baseline"].cpu_per_thread_s) / min(sides["system"].cpu_per_thread_s),
-            attention_matrix_bytes_per_layer=attention_matrix_bytes(setting, num_tokens)))
+            summary=_speed_summary(raw, cpu_ratio), setting=described,
+            attention_path=attention_path(cfg, device, setting.precision), step_flops=flops, **raw,
+            cpu_time_ratio=cpu_ratio, attention_matrix_bytes_per_layer=attention_matrix_bytes(setting, num_tokens)))
     return results
+
+
+def _speed_summary(raw: dict[str, dict[str, Any]], cpu_ratio: float) -> str:
+    """One line: throughput, CPU-time ratio, live memory and page faults of both sides."""
+    sys_, base = raw["system"], raw["baseline"]
+    line = f"{sys_['clips_per_s']:.3g} vs {base['clips_per_s']:.3g} clips/s; CPU time {cpu_ratio:.2f}x"
+    if sys_["peak_memory_bytes"] is not None and base["peak_memory_bytes"] is not None:
+        line += f"; peak {sys_['peak_memory_bytes'] / 2**30:.2f} vs {base['peak_memory_bytes'] / 2**30:.2f} GiB"
+    if sys_["page_faults"] and base["page_faults"]:
+        line += f"; page faults {min(sys_['page_faults']) / 1e6:.2f}M vs {min(base['page_faults']) / 1e6:.2f}M"
+    return line
 
 
 def _side_numbers(side: Side, batch_size: int, flops: int) -> dict[str, Any]:
