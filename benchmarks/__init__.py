@@ -40,8 +40,10 @@ NOTES = (
     "two (A, B, A, B) and using each side's fastest run, so load from other processes on a shared "
     "machine disturbs both sides alike.",
     "Fractions of peak divide achieved FLOP/s (analytic FLOP counts in the benchmark code) by the "
-    "best dense matmul FLOP/s measured in this run for the same dtype.",
-    "CPU peak memory is the process RSS high-water mark over the step, minus RSS when it started.",
+    "dense matmul FLOP/s of the same dtype measured right before and right after that benchmark "
+    "(the better of the two; every sample is listed under the machine).",
+    "CPU peak memory is the most malloc'd bytes in use during the step (glibc mallinfo2, sampled "
+    "every 5 ms) minus the bytes in use when it started; CUDA peak memory is max_memory_allocated.",
 )
 
 

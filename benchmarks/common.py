@@ -443,7 +443,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"- CPU: {machine['cpu']} ({machine['cpu_count']} logical CPUs, torch threads "
         f"{machine['torch_threads']}, capability {machine['cpu_capability']})",
         f"- Device: {machine['device']}" + (f" ({machine['gpu']})" if machine.get("gpu") else ""),
-        f"- Load average at start: {machine['load_average']}; at end: {report.get('load_average_end')}",
+        f"- Load average (1, 5, 15 min) at start: {_fmt_nested(machine['load_average'])}; "
+        f"at end: {_fmt_nested(report.get('load_average_end'))}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
         "- Dense matmul peak measured in this run (best / worst of the samples): " + ", ".join(
             f"{p['dtype']} {p['flop_per_s'] / 1e9:.1f} / {p['min_flop_per_s'] / 1e9:.1f} GFLOP/s "

@@ -125,8 +125,9 @@ class StepSetting:
         num_classes: Expression classes K.
         rounds: Timed steps per side (alternated; each also measures peak memory).
         warmup: One untimed step per side first (optimizer state, library start-up, and the
-            retained heap filled); without it, on CPU the retained heap is pre-faulted to the
-            estimated need instead, which reaches the same steady state in seconds.
+            retained heap filled); without it, on CPU a retained heap is pre-faulted to twice the
+            estimated need instead: seconds instead of a step, removing most (not all) of the
+            first step's page faults.
         retain_heap: On CPU, run both sides' steps with ``benchmarks.common.heap_retention``
             (malloc keeps freed memory, like CUDA's caching allocator); False (default) leaves
             glibc's default, under which every block of 32 MiB and up is page-faulted afresh on
@@ -323,7 +324,8 @@ class StepRunner:
         forward: ``tokens -> MTCAEOutput``, the real ``forward_tokens`` or the eager baseline.
         tokens: Encoder tokens (B, N, C).
         batch: Loss targets.
-        fast_optimizer: Fused AdamW (system) or the per-parameter loop (baseline).
+        fast_optimizer: Multi-tensor AdamW (fused on CUDA) for the system, or the per-parameter
+            loop for the baseline.
         autocast_dtype: Run forward and loss under CPU/CUDA autocast with this dtype (None: off).
     """
 
