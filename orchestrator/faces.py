@@ -37,21 +37,42 @@ class FaceLabels:
 
 
 class FaceDetector:
-    """facenet-pytorch MTCNN run on batches of equal-sized frames."""
+    """facenet-pytorch MTCNN run on batches of equal-sized frames.
 
-    def __init__(self, settings: PreprocessSettings, device: str = "cpu") -> None:
+    Args:
+        settings: Detection settings (min face size, thresholds, pyramid factor).
+        device: ``cpu`` or ``cuda[:n]``.
+        channels_last: Hold the three networks' weights in channels-last (NHWC) layout. Their
+            convolutions then run, and hand on, NHWC activations, for which PyTorch's CPU
+            max-pooling and oneDNN convolutions are vectorised across channels: on a 2-core AVX-512
+            CPU MTCNN over 64 frames took 1.10 s instead of 1.65 s, with boxes equal to 1e-4 px
+            (only the summation order changes). ``False`` is facenet-pytorch as shipped.
+    """
+
+    def __init__(self, settings: PreprocessSettings, device: str = "cpu", channels_last: bool = True) -> None:
         from facenet_pytorch import MTCNN
 
         self.device = device
         self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=settings.min_face_size,
                            thresholds=list(settings.thresholds), factor=settings.factor)
+        if channels_last:
+            import torch
+
+            self.mtcnn.to(memory_format=torch.channels_last)
 
     def detect(self, frames: np.ndarray, chunk: int = 512) -> list[tuple[Any, Any, Any]]:
         """Raw detections per frame: ``(boxes (k,4) x1y1x2y2, probs (k,), points (k,5,2))`` or
         ``(None, None, None)`` when no face was found."""
+        import torch
+
         results = []
         for start in range(0, len(frames), chunk):
-            boxes, probs, points = self.mtcnn.detect(frames[start:start + chunk], landmarks=True)
+            # (T, H, W, 3) as MTCNN expects, but a view of planar (T, 3, H, W) memory: the per-box
+            # crops of stages 2 and 3 are then resampled by the planar kernel, not a 3-channel NHWC
+            # one (0.85 s instead of 0.94 s per 64 frames on top of channels_last).
+            batch = torch.from_numpy(np.ascontiguousarray(frames[start:start + chunk]))
+            batch = batch.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+            boxes, probs, points = self.mtcnn.detect(batch, landmarks=True)
             results.extend((b, None if b is None else np.asarray(p, np.float32), q)
                            for b, p, q in zip(boxes, probs, points))
         return results

@@ -17,7 +17,7 @@ from videos import (face_frames, make_broken_link, make_corrupt, make_text_file,
 from orchestrator import preprocess as pp
 from orchestrator.cli import main
 from orchestrator.data import ClipDataset, cache_class_names, load_manifest
-from orchestrator.faces import select_faces
+from orchestrator.faces import FaceDetector, select_faces
 from orchestrator.preprocess import (JOURNAL_FILE, MANIFEST_COLUMNS, CacheSettingsError,
                                      PreprocessSettings, run_preprocess)
 from orchestrator.video import read_clip, resize_frames, sample_indices
@@ -138,6 +138,21 @@ def test_select_faces_picks_largest_times_probability_and_fills_gaps() -> None:
     assert labels.boxes.dtype == np.float32 and labels.landmarks.shape == (5, 5, 2)
     empty = select_faces([(None, None, None)] * 3, size=64)
     assert not empty.valid.any() and not empty.boxes.any()
+
+
+def test_fast_detector_matches_mtcnn_as_shipped() -> None:
+    """channels_last weights and planar input change the speed, not the detections."""
+    frames = face_frames(num_frames=6, size=160)
+    fast = FaceDetector(PreprocessSettings(), "cpu").detect(frames)
+    plain = FaceDetector(PreprocessSettings(), "cpu", channels_last=False).detect(frames)
+    assert next(FaceDetector(PreprocessSettings(), "cpu").mtcnn.pnet.parameters()).is_contiguous(
+        memory_format=torch.channels_last)
+    assert len(fast) == len(plain) == 6
+    for (fb, fp, fq), (pb, pp_, pq) in zip(fast, plain):
+        assert fb is not None and pb is not None and fb.shape == pb.shape
+        np.testing.assert_allclose(np.asarray(fb, np.float32), np.asarray(pb, np.float32), atol=1e-2)
+        np.testing.assert_allclose(np.asarray(fp, np.float32), np.asarray(pp_, np.float32), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(fq, np.float32), np.asarray(pq, np.float32), atol=1e-2)
 
 
 # ---------------------------------------------------------------- runs on generated datasets
