@@ -43,7 +43,7 @@ NOTES = (
     "dense matmul FLOP/s of the same dtype measured right before and right after that benchmark "
     "(the better of the two; every sample is listed under the machine).",
     "CPU peak memory is the most malloc'd bytes in use during the step (glibc mallinfo2, sampled "
-    "every 5 ms) minus the bytes in use when it started; CUDA peak memory is max_memory_allocated.",
+    "every 50 ms) minus the bytes in use when it started; CUDA peak memory is max_memory_allocated.",
 )
 
 

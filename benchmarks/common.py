@@ -8,11 +8,9 @@ numbers (seconds, clips/s, bytes, FLOP/s) so a reader can recompute every ratio.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import logging
 import math
-import mmap
 import os
 import platform
 import re
@@ -26,6 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from orchestrator.cpu_heap import (  # noqa: F401  (re-exported: the benchmarks' heap vocabulary)
+    glibc_default_heap,
+    heap_bytes_in_use,
+    heap_retention,
+    prefault_heap,
+    release_heap,
+    retained_heap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,122 +187,6 @@ def recorded_peaks() -> list[dict[str, Any]]:
 # Peak memory and the CPU heap
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc >= 2.33 (``mallopt``, ``malloc_trim``, ``mallinfo2``), else None."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-def heap_bytes_in_use() -> int | None:
-    """Bytes malloc has handed out and not taken back (glibc ``mallinfo2``: heap + mmapped chunks).
-
-    Unlike RSS this does not depend on whether freed memory went back to the OS, so it measures a
-    step's live memory the same way whatever the allocator keeps. None where glibc is absent.
-    """
-    libc = _glibc()
-    if libc is None:
-        return None
-    info = libc.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
-
-
-# mallopt parameters (malloc.h) and glibc's own steady state for large blocks: blocks from 32 MiB up
-# get their own mmap (the dynamic threshold's ceiling on 64-bit), freed heap above 64 MiB is trimmed.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-_GLIBC_MMAP_THRESHOLD = 32 * 2**20
-_GLIBC_MMAP_MAX = 65536
-
-
-def glibc_default_heap() -> bool:
-    """Pin glibc's steady-state large-block policy (what a long-running process ends up with).
-
-    Every block of 32 MiB and up is its own ``mmap``: each step's large activations are fresh,
-    zero-filled pages, page-faulted in one 4 KiB page at a time, and unmapped when freed. This is
-    the baseline's environment. Returns False where glibc is absent.
-    """
-    libc = _glibc()
-    if libc is None:
-        return False
-    libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
-    libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD)
-    return True
-
-
-def heap_retention(retain: bool) -> bool:
-    """Switch the CPU heap policy: keep freed memory for reuse (True) or glibc's steady state (False).
-
-    Retained: every allocation comes from the heap (``M_MMAP_MAX=0``) and freed memory is never
-    given back (``M_TRIM_THRESHOLD`` = SIZE_MAX, passed as -1), so from the second step on a
-    training loop reuses resident pages instead of page-faulting gigabytes of fresh ones per step
-    (a 4 KiB fault cost ~7 us on the reference VM: ~12 s of system CPU per official-preset step at
-    batch 16). It is the CPU analogue of CUDA's caching allocator; the price is that the process
-    keeps its peak until :func:`release_heap`. Switching does not release anything. Returns False
-    (changing nothing) where glibc is absent.
-    """
-    libc = _glibc()
-    if libc is None:
-        return False
-    if not retain:
-        return glibc_default_heap()
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, -1)
-    return True
-
-
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault a whole range in with one call
-
-
-def prefault_heap(nbytes: int) -> bool:
-    """Grow the retained heap by ``nbytes`` of resident pages, as a training loop's first step would.
-
-    With :func:`heap_retention` on, later allocations carve from this memory without page faults,
-    so a benchmark reaches a long training loop's steady state without running warm-up steps.
-    ``MADV_POPULATE_WRITE`` faults the range in one call (about 5x faster than touching it); where
-    unsupported the block is written instead. Returns False where glibc is absent.
-    """
-    libc = _glibc()
-    if libc is None or nbytes <= 0:
-        return False
-    block = torch.empty(nbytes, dtype=torch.uint8)
-    page = mmap.PAGESIZE
-    start = (block.data_ptr() + page - 1) // page * page
-    end = (block.data_ptr() + nbytes) // page * page
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    if end <= start or libc.madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
-        block.fill_(0)
-    del block
-    return True
-
-
-def release_heap() -> None:
-    """Give freed heap memory back to the OS (glibc ``malloc_trim``)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@contextmanager
-def retained_heap() -> Iterator[bool]:
-    """:func:`heap_retention` on inside the block; glibc's steady state and a release on exit."""
-    enabled = heap_retention(True)
-    try:
-        yield enabled
-    finally:
-        if enabled:
-            heap_retention(False)
-            release_heap()
-
-
 def _status_kib(field: str) -> int | None:
     try:
         text = Path("/proc/self/status").read_text()
@@ -309,8 +200,10 @@ class PeakMemory:
     """Peak memory a block of code adds over what was live when it started.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (the caching allocator's view). CPU with glibc: a
-    thread samples :func:`heap_bytes_in_use` every 5 ms (a step's activation peak lasts
-    seconds, so sampling does not miss it); it counts every malloc'd byte (tensors, oneDNN/MKL
+    thread samples :func:`heap_bytes_in_use` every 50 ms (a step's activation peak lasts
+    seconds, so sampling does not miss it; ``mallinfo2`` walks the free lists under the malloc
+    lock, ~1.4 ms on a batch-16 step's fragmented heap, so sampling every 5 ms cost a 2-core step
+    ~10% of its speed); it counts every malloc'd byte (tensors, oneDNN/MKL
     scratch), not pages, so it is the same whether freed memory was kept or returned. Elsewhere:
     sampled ``VmRSS``.
 
@@ -319,7 +212,7 @@ class PeakMemory:
         method: How it was measured.
     """
 
-    def __init__(self, device: torch.device, interval_s: float = 0.005) -> None:
+    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
         self.device = device
         self.interval_s = interval_s
         self.peak_bytes: int | None = None

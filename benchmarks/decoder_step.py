@@ -28,12 +28,15 @@ the machine, so CPU seconds were compared as well as wall time):
   default heap (every block of 32 MiB and up is a fresh mmap) ~3 M vs ~10 M page faults per step.
   On this VM a fault costs several microseconds of guest CPU plus host-side stalls that show only
   in wall time, so wall-clock ratios swung between 1.0x and 3x from run to run with the host's
-  memory state. ``retain_heap`` (malloc keeps freed memory) removes most of that: the system's
+  memory state. A retained heap (``orchestrator.cpu_heap``, what the trainable runs on CPU)
+  removes most of that: the system's
   step went from ~42-70 s to ~36-46 s wall.
 - ``bernoulli_`` (``F.dropout``'s CPU mask) costs about twice ``rand`` + compare and allocates a
   second tensor, hence ``model.decoder.Dropout``. Splitting the fused ``kv`` projection into two
   matmuls (no dK/dV re-packing copy) measured no different and was dropped. bf16 autocast: matmuls
-  2.3x faster, CPU flash attention ~1.1x. foreach AdamW 6 ms vs fused 12 ms; 2 threads = 2 cores.
+  2.3x faster, CPU flash attention ~1.1x, hence ``model.attention.ChunkedAttention`` for bf16 on
+  CPU (attention fwd+bwd ~205-250 vs ~150 GFLOP/s). foreach AdamW 6 ms vs fused 12 ms; 2 threads
+  = 2 cores.
   Transparent huge pages for PyTorch's allocations (``THP_MEM_ALLOC_ENABLE=1``) made steps slower
   here (compaction). ``torch.compile`` of ``forward_tokens`` (official, batch 2) took 350 s to
   compile under load and its steps were 0.75x-1.03x of eager's time: not used.
@@ -91,15 +94,26 @@ NOTES = (
     "every step (see page_faults and system_cpu_s). How much wall time that costs depends on the "
     "machine and, on a VM, on the host: the wall-clock ratio of the same code varied between about "
     "1x and 3x across runs on the reference VM.",
-    "retained_heap rows run with benchmarks.common.heap_retention(True): malloc keeps freed memory "
-    "for reuse (the CPU analogue of CUDA's caching allocator), which is how a long CPU training loop "
-    "should run; the trainable does not do this yet.",
+    "Heap policy: rows without a suffix run each side as it runs for real: the system as the "
+    "trainable runs a CPU trial (orchestrator.cpu_heap.retained_heap, TrialConfig.cpu_heap='retain': "
+    "malloc keeps freed memory for reuse, the CPU analogue of CUDA's caching allocator; its heap is "
+    "pre-faulted, untimed, as a long run's already is), the baseline as a plain PyTorch process "
+    "(glibc's default). The speed-up therefore includes the allocator policy, which is part of "
+    "the system. Rows named default_heap run the system (and, when measured, the baseline) on "
+    "glibc's default, both_retained_heap both sides retained: they separate the two effects.",
     "The paper preset has 3 heads of width 512: the explicit baseline's softmax work grows with N^2 "
     "while its matmuls grow with N^2 x head width, so its overhead is half the official preset's "
     "and the paper rows' speed-up is smaller.",
-    "bf16 (full run; autocast, the baseline stays fp32) is reported against the bf16 matmul peak. "
-    "On a CPU without AMX the flash attention kernel gains little from bf16 while the bf16 matmul "
-    "peak is more than twice the fp32 one.",
+    "bf16 rows: the system under CPU autocast (TrialConfig.precision='bf16'), the baseline in "
+    "float32 as always, reported against the bf16 matmul peak. Without AMX PyTorch's CPU flash "
+    "kernel gains ~1.1x from bf16 while oneDNN's bf16 matmuls gain ~2.3x, so on CPU the decoders "
+    "run bf16 attention in query chunks of large batched matmuls (model.attention.ChunkedAttention: "
+    "no N x N matrix, float32 softmax and gradient accumulation); its float32 elementwise passes "
+    "over each chunk's scores are why the step's fraction of the bf16 peak is lower than the "
+    "float32 step's of the float32 peak.",
+    "The paper preset in float32 gains little over the eager baseline on CPU (~1.0x at batch 4): "
+    "with heads of 512 the baseline's softmax is a small share of its work and MKL's batched "
+    "matmuls are as fast as the flash kernel, whose backward recomputes Q K^T.",
     "torch.compile is not used: compiling the step took minutes on a 2-core CPU and the compiled "
     "step was not reliably faster than eager (see the module docstring).",
 )
@@ -128,10 +142,14 @@ class StepSetting:
             retained heap filled); without it, on CPU a retained heap is pre-faulted to twice the
             estimated need instead: seconds instead of a step, removing most (not all) of the
             first step's page faults.
-        retain_heap: On CPU, run both sides' steps with ``benchmarks.common.heap_retention``
-            (malloc keeps freed memory, like CUDA's caching allocator); False (default) leaves
-            glibc's default, under which every block of 32 MiB and up is page-faulted afresh on
-            every step, which is what a PyTorch process, the trainable included, runs with.
+        retain_heap: The CPU heap policy (``orchestrator.cpu_heap``). None (default): each side
+            as it runs for real: the system as the trainable runs a CPU trial (freed memory
+            retained for reuse, ``TrialConfig.cpu_heap="retain"``), the baseline as a plain PyTorch
+            process (glibc's default policy). True: both sides retained. False: both on glibc's
+            default, under which every block of 32 MiB and up is page-faulted afresh on every
+            step. A retaining side's heap is pre-faulted before each of its steps (untimed) when
+            the other side does not retain (its steps hand the memory back), or when there is
+            no warm-up step.
         sides: What to run: both, or ``("system",)`` for a fraction-of-peak figure alone.
     """
 
@@ -145,7 +163,7 @@ class StepSetting:
     num_classes: int = 7
     rounds: int = 2
     warmup: bool = True
-    retain_heap: bool = False
+    retain_heap: bool | None = None
     sides: tuple[str, ...] = ("system", "baseline")
 
     @property
@@ -153,7 +171,11 @@ class StepSetting:
         """Short name used in result names: preset, batch, precision, effective attention dropout."""
         name = self.decoder if isinstance(self.decoder, str) else "custom"
         label = f"{name}/b{self.batch_size}/{self.precision}/attn_drop{self.decoder_cfg().attn_drop:g}"
-        return label + ("/retained_heap" if self.retain_heap else "")
+        return label + {None: "", True: "/both_retained_heap", False: "/default_heap"}[self.retain_heap]
+
+    def side_retains_heap(self, side: str) -> bool:
+        """Whether ``side`` (``system`` | ``baseline``) runs on a retained heap (see ``retain_heap``)."""
+        return side == "system" if self.retain_heap is None else self.retain_heap
 
     def decoder_cfg(self) -> DecoderConfig:
         """The decoder config with the attention-dropout override applied."""
@@ -372,6 +394,7 @@ class Side:
 
     runner: StepRunner
     retain_heap: bool
+    prefault_bytes: int = 0
     wall_s: list[float] = field(default_factory=list)
     cpu_per_thread_s: list[float] = field(default_factory=list)
     page_faults: list[int] = field(default_factory=list)
@@ -382,6 +405,8 @@ class Side:
         """One step under this side's heap policy; records wall and CPU time, page faults, memory."""
         if device.type == "cpu":
             heap_retention(self.retain_heap)
+            if self.retain_heap and self.prefault_bytes:
+                prefault_heap(self.prefault_bytes)  # untimed: a long run's heap is already resident
         before, cpu_start = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
         with PeakMemory(device) as mem:
             wall = time_call(self.runner.step, device)
@@ -396,16 +421,12 @@ class Side:
             self.peak_memory_bytes = max(self.peak_memory_bytes or 0, mem.peak_bytes)
 
 
-def time_steps(sides: dict[str, Side], device: torch.device, rounds: int, warmup: bool,
-               prefault_bytes: int = 0) -> None:
-    """Warm-up steps (or, on CPU with a retained heap, a pre-fault), then alternated timed steps."""
+def time_steps(sides: dict[str, Side], device: torch.device, rounds: int, warmup: bool) -> None:
+    """Warm-up steps if asked, then alternated timed steps; glibc's default heap, released, after."""
     try:
         if warmup:
             for side in sides.values():
                 side.step(device, record=False)
-        elif device.type == "cpu" and prefault_bytes and any(s.retain_heap for s in sides.values()):
-            heap_retention(True)
-            prefault_heap(prefault_bytes)
         for _ in range(rounds):
             for side in sides.values():
                 side.step(device)
@@ -436,12 +457,15 @@ def run_setting(setting: StepSetting, device: torch.device, peak_size: int | Non
     if device.type == "cpu":
         glibc_default_heap()  # a known starting point, whatever ran before in this process
     runners = {"system": system, "baseline": baseline}
-    sides = {name: Side(runners[name], setting.retain_heap) for name in setting.sides}
-    heap_need = need if "baseline" in sides else estimated_baseline_bytes(setting, num_tokens, attention_matrices=False)
-    # Twice the estimated live peak: the heap fragments (posix_memalign cannot reuse a freed block
-    # for a request of the same size), bounded by what the machine has free.
-    prefault = int(min(2 * heap_need, 0.6 * free)) if free is not None else 2 * heap_need
-    time_steps(sides, device, setting.rounds, setting.warmup, prefault_bytes=prefault)
+    sides = {name: Side(runners[name], setting.side_retains_heap(name)) for name in setting.sides}
+    mixed = len({side.retain_heap for side in sides.values()}) > 1
+    for name, side in sides.items():
+        if device.type == "cpu" and side.retain_heap and (mixed or not setting.warmup):
+            heap_need = estimated_baseline_bytes(setting, num_tokens, attention_matrices=name == "baseline")
+            # Twice the estimated live peak: the heap fragments (posix_memalign cannot reuse a freed
+            # block for a request of the same size), bounded by what the machine has free.
+            side.prefault_bytes = int(min(2 * heap_need, 0.6 * free)) if free is not None else 2 * heap_need
+    time_steps(sides, device, setting.rounds, setting.warmup)
     peak = max(peak, matmul_peak_flops(device, peak_dtype, peak_size))
     flops = step_flops(model, num_tokens, setting.batch_size)
     raw = {name: _side_numbers(side, setting.batch_size, flops) for name, side in sides.items()}
@@ -490,6 +514,8 @@ def attention_path(cfg: DecoderConfig, device: torch.device, precision: Precisio
     """Which SDPA implementation a training step takes (PyTorch's dispatch rules, stated)."""
     if device.type == "cpu" and cfg.attn_drop > 0:
         return "math (materialises B x h x N x N: no fused CPU kernel supports dropout)"
+    if device.type == "cpu" and precision == "bf16":
+        return "query-chunked bf16 matmuls (model.attention.ChunkedAttention, no N x N matrix)"
     if device.type == "cpu":
         return "flash (fused CPU kernel, no N x N matrix)"
     return f"fused CUDA kernel (flash / memory-efficient / cuDNN), {precision}"
@@ -499,32 +525,36 @@ def quick_settings() -> list[StepSetting]:
     """What ``--quick`` measures on a 2-core CPU in a few minutes.
 
     The targets' shape (official preset, batch 16, 1568 tokens) with fused attention
-    (``attn_drop=0``), one timed step per side, then the system alone on a retained, pre-faulted
-    heap (its fraction of peak when run like a long training loop); at batch 1 to fit the budget:
-    the preset as trained (attention dropout 0.3, which on CPU has no fused kernel) and the paper
-    preset. The bf16 option is in the full run. No warm-up steps at batch 16: with glibc's default
-    heap every step page-faults its large blocks afresh, so the first step is the steady state up
-    to one-off costs (optimizer state, thread pools already started by the matmul-peak probe) that
-    are small against a step of a minute; the batch-1 rows, where they are not, warm up both sides.
+    (``attn_drop=0``), one timed step per side, each side under the heap policy it runs with for
+    real (the system as the trainable: retained; the baseline: glibc's default), in float32 and
+    with bf16 autocast (``precision="bf16"``: query-chunked bf16 attention, ``model.attention``);
+    the preset as trained (attention dropout 0.3, which on CPU has no fused kernel) at batch 1;
+    the paper preset in both precisions at batch 2 (at batch 16 its eager baseline needs ~23 GiB).
+    No warm-up steps where the batch is large: a retained heap is pre-faulted instead, and on
+    glibc's default heap every step page-faults its large blocks afresh, so the first step is the
+    steady state up to one-off costs (optimizer state, thread pools already started by the
+    matmul-peak probe) that are small against a step of seconds to a minute; the batch-1 row,
+    where they are not, warms up both sides.
     """
     return [
         StepSetting("official", batch_size=16, attn_drop=0.0, rounds=1, warmup=False),
-        StepSetting("official", batch_size=16, attn_drop=0.0, rounds=1, warmup=False, retain_heap=True,
-                    sides=("system",)),
+        StepSetting("official", batch_size=16, attn_drop=0.0, rounds=1, warmup=False, precision="bf16"),
         StepSetting("official", batch_size=1, rounds=1),
-        StepSetting("paper", batch_size=1, attn_drop=0.0, rounds=1),
+        StepSetting("paper", batch_size=2, attn_drop=0.0, rounds=1, warmup=False),
+        StepSetting("paper", batch_size=2, attn_drop=0.0, rounds=1, warmup=False, precision="bf16"),
     ]
 
 
 def full_settings(device: torch.device) -> list[StepSetting]:
     """Both presets at batch 16, fused (``attn_drop=0``) and as trained; bf16 on CUDA (its target);
-    on CPU also the official preset with both sides on a retained heap."""
-    precision: Precision = "bf16" if device.type == "cuda" else "fp32"
+    on CPU both precisions, and the official preset with both sides on a retained heap and on
+    glibc's default."""
+    precisions: tuple[Precision, ...] = ("bf16",) if device.type == "cuda" else ("fp32", "bf16")
     settings = [StepSetting(preset, batch_size=16, attn_drop=drop, precision=precision)
-                for preset in ("official", "paper") for drop in (0.0, None)]
+                for precision in precisions for preset in ("official", "paper") for drop in (0.0, None)]
     if device.type == "cpu":
         settings += [StepSetting("official", batch_size=16, attn_drop=0.0, retain_heap=True),
-                     StepSetting("official", batch_size=2, attn_drop=0.0, precision="bf16")]
+                     StepSetting("official", batch_size=16, attn_drop=0.0, retain_heap=False)]
     return settings
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.attention import attention
 from model.presets import resolve_preset
 
 
@@ -103,8 +104,9 @@ class CrossAttention(nn.Module):
     """Multi-head attention with queries from one stream and keys/values from another.
 
     K and V projections are fused into one matmul. Attention runs through
-    ``F.scaled_dot_product_attention``: a fused kernel (CUDA flash /
-    memory-efficient / cuDNN; CPU flash) never materialises the N x N matrix. On CPU no fused kernel
+    :func:`model.attention.attention`: ``F.scaled_dot_product_attention``'s fused kernels (CUDA
+    flash / memory-efficient / cuDNN; CPU flash), or query-chunked large matmuls for bf16 on CPU;
+    neither materialises the N x N matrix. On CPU no fused kernel
     supports dropout on the probabilities, so training with ``attn_drop > 0`` takes PyTorch's math
     path, which holds (B, h, N, N) probabilities and masks per layer for backward.
     """
@@ -125,7 +127,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(B, Nq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, Nq, d)
         kv = self.kv(context).view(B, Nk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, Nk, d)
         k, v = kv.unbind(0)
-        z = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        z = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj(z.transpose(1, 2).reshape(B, Nq, -1))  # (B, Nq, D)
 
 

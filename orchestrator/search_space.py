@@ -53,7 +53,7 @@ SETTABLE_KEYS: dict[str, type] = {
     "decoder_dropout": float, "head_dropout": float, "w_box": float, "w_landmark": float,
     "w_expr": float, "lr": float, "weight_decay": float, "batch_size": int, "epochs": int,
     "early_stop_patience": int, "lr_patience": int, "lr_factor": float, "precision": str,
-    "feature_cache": str, "num_workers": int,
+    "feature_cache": str, "num_workers": int, "cpu_heap": str,
 }
 # Keys the sweep sets itself for every trial; a search space may not set them.
 SWEEP_KEYS: frozenset[str] = frozenset({
@@ -63,7 +63,7 @@ SWEEP_KEYS: frozenset[str] = frozenset({
 _CHOICES: dict[str, tuple[str, ...]] = {
     "encoder": ENCODERS, "decoder": DECODER_PRESETS, "precision": PRECISIONS,
     "feature_cache": FEATURE_CACHE_MODES, "head_order": ("norm_pool", "pool_norm"),
-    "normalization": ("imagenet", "official"),
+    "normalization": ("imagenet", "official"), "cpu_heap": ("retain", "default"),
 }
 _POSITIVE = {"lr", "batch_size", "epochs", "decoder_depth", "decoder_heads", "decoder_dim",
              "decoder_head_dim", "decoder_mlp_ratio", "early_stop_patience", "lr_patience",

@@ -26,6 +26,7 @@ encoder runs once per clip for the whole sweep instead of once per clip per epoc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -46,6 +47,7 @@ from model import NORMALIZATIONS, MTCAEModel, ModelConfig, MultiTaskLoss, build_
 from model.architectures import ARCHITECTURES
 from model.decoder import decoder_config
 from orchestrator import features as feat
+from orchestrator.cpu_heap import retained_heap
 from orchestrator.tracking import TrialLogger, config_hash, recall_metric_name
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,8 @@ STAGES = ("search", "cv")
 # Where a trial is logged, not what it is: not hashed, not logged as params.
 TRACKING_KEYS = frozenset({"tracking_uri", "experiment", "parent_run_id", "trial_key"})
 # Neither changes results: left out of the config hash and of the resume check.
-RUNTIME_KEYS = frozenset({"cache_dir", "num_workers", "sweep", "stage"}) | TRACKING_KEYS
+CPU_HEAP_POLICIES = ("retain", "default")
+RUNTIME_KEYS = frozenset({"cache_dir", "num_workers", "cpu_heap", "sweep", "stage"}) | TRACKING_KEYS
 
 ADAM_BETAS = (0.9, 0.999)  # Keras AdamW defaults (official_spec.md 5)
 ADAM_EPS = 1e-7  # Keras default; PyTorch's is 1e-8 (official_spec.md 5)
@@ -131,6 +134,10 @@ class TrialConfig:
             ``bf16`` or ``fp16`` (CUDA only, with loss scaling).
         feature_cache: ``auto`` (on when the encoder is frozen), ``on`` or ``off``.
         num_workers: DataLoader workers for the end-to-end path.
+        cpu_heap: On CPU, ``retain`` (default) keeps freed memory in the process for reuse during
+            the trial, like CUDA's caching allocator, instead of page-faulting every large
+            activation afresh each step (``orchestrator.cpu_heap``; a batch-16 official-preset step
+            ran about 1.5x faster); ``default`` leaves glibc's policy. Not a hyperparameter.
         sweep: Sweep name (tag).
         stage: ``search`` (HPO) or ``cv`` (final cross-validation) (tag).
         tracking_uri: MLflow tracking URI; None falls back to ``$MLFLOW_TRACKING_URI``, and to no
@@ -173,6 +180,7 @@ class TrialConfig:
     precision: str = "auto"
     feature_cache: str = "auto"
     num_workers: int = 0
+    cpu_heap: str = "retain"
     sweep: str = ""
     stage: str = "cv"
     tracking_uri: str | None = None
@@ -209,7 +217,7 @@ class TrialConfig:
         """
         choices = {"arch": ARCHITECTURES, "precision": PRECISIONS, "feature_cache": FEATURE_CACHE_MODES,
                    "stage": STAGES, "head_order": ("norm_pool", "pool_norm"),
-                   "normalization": tuple(NORMALIZATIONS)}
+                   "normalization": tuple(NORMALIZATIONS), "cpu_heap": CPU_HEAP_POLICIES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"trial config {key}={getattr(self, key)!r}; expected one of {list(allowed)}")
@@ -888,8 +896,10 @@ def run_trial(
     if resume is not None:
         trial.restore(resume if isinstance(resume, Mapping) else load_checkpoint(resume))
     tracker = make_trial_logger(cfg)
+    retain = trial.device.type == "cpu" and cfg.cpu_heap == "retain"
     try:
-        final = _loop(trial, reporter, tracker, progress)
+        with retained_heap() if retain else contextlib.nullcontext():
+            final = _loop(trial, reporter, tracker, progress)
     except (SystemExit, KeyboardInterrupt):  # Tune stops a trial with sys.exit(0) inside tune.report
         if tracker is not None:
             tracker.finish("KILLED")

@@ -54,10 +54,12 @@ def finite_numbers(obj: object) -> list[float]:
     return []
 
 
-@pytest.mark.parametrize(("attn_drop", "precision", "retain_heap"),
-                         [(None, "fp32", False), (0.0, "fp32", False), (0.0, "bf16", False), (0.0, "fp32", True)])
-def test_decoder_step_runs_and_reports(attn_drop: float | None, precision: str, retain_heap: bool) -> None:
-    setting = toy_step(attn_drop=attn_drop, precision=precision, retain_heap=retain_heap, warmup=not retain_heap)
+@pytest.mark.parametrize(("attn_drop", "precision", "retain_heap", "warmup"),
+                         [(None, "fp32", None, True), (0.0, "fp32", None, False), (0.0, "bf16", False, True),
+                          (0.0, "fp32", True, False)])
+def test_decoder_step_runs_and_reports(attn_drop: float | None, precision: str, retain_heap: bool | None,
+                                       warmup: bool) -> None:
+    setting = toy_step(attn_drop=attn_drop, precision=precision, retain_heap=retain_heap, warmup=warmup)
     results = ds.run(quick=False, device=CPU, settings=[setting], peak_size=PEAK_SIZE)
     speed, fraction = results
     for r in results:
@@ -72,17 +74,30 @@ def test_decoder_step_runs_and_reports(attn_drop: float | None, precision: str, 
     assert speed["ratio"] == pytest.approx(speed["baseline"]["best_s"] / speed["system"]["best_s"])
     assert fraction["ratio"] == pytest.approx(fraction["achieved_flop_per_s"] / fraction["matmul_peak_flop_per_s"])
     assert ("math" in speed["attention_path"]) == (speed["setting"]["attn_drop_effective"] > 0)
-    assert speed["system"]["retained_heap"] is speed["baseline"]["retained_heap"] is retain_heap
-    assert speed["name"].endswith("/retained_heap") is retain_heap
+    # None: each side as it runs for real (the system retains its heap, as the trainable does).
+    assert speed["system"]["retained_heap"] is (retain_heap is not False)
+    assert speed["baseline"]["retained_heap"] is (retain_heap is True)
+    assert speed["name"] == f"decoder_step/{setting.label}"
+    if retain_heap is None:
+        assert "heap" not in speed["name"]
+    else:
+        assert speed["name"].endswith("/both_retained_heap" if retain_heap else "/default_heap")
     assert finite_numbers(results)
 
 
 def test_system_only_setting_reports_its_fraction_of_peak() -> None:
-    setting = toy_step(attn_drop=0.0, retain_heap=True, warmup=False, sides=("system",))
+    setting = toy_step(attn_drop=0.0, retain_heap=False, warmup=False, sides=("system",))
     (result,) = ds.run(quick=False, device=CPU, settings=[setting], peak_size=PEAK_SIZE)
     assert_well_formed(result)
-    assert result["name"].endswith("/retained_heap/fraction_of_peak") and result["system"]["retained_heap"]
+    assert result["name"].endswith("/default_heap/fraction_of_peak") and not result["system"]["retained_heap"]
     assert result["ratio"] == pytest.approx(result["achieved_flop_per_s"] / result["matmul_peak_flop_per_s"])
+
+
+def test_quick_settings_measure_the_targets_shape_as_the_system_runs() -> None:
+    first = ds.quick_settings()[0]
+    assert (first.decoder, first.batch_size, first.decoder_cfg().attn_drop) == ("official", 16, 0.0)
+    assert first.side_retains_heap("system") and not first.side_retains_heap("baseline")
+    assert set(first.sides) == {"system", "baseline"}
 
 
 def test_baseline_decoder_computes_the_same_function() -> None:

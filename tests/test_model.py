@@ -21,6 +21,7 @@ from model import (
     encoder_config,
     normalize_video,
 )
+from model.attention import ChunkedAttention, attention
 from model.decoder import ViTDecoder
 
 T, S, K = 4, 32, 5
@@ -120,6 +121,52 @@ def test_vit_decoder_matches_algorithm_1() -> None:
     dec = ViTDecoder(decoder_config("official", embed_dim=24, head_dim=10, depth=3)).eval()
     y, f = torch.randn(2, 7, 24), torch.randn(2, 9, 24)
     torch.testing.assert_close(dec(y, f), _reference_decoder(dec, y, f), atol=1e-5, rtol=1e-5)
+
+
+def _attention_and_grads(fn, q, k, v, grad):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(grad)
+    return [t.float() for t in (out.detach(), q.grad, k.grad, v.grad)]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])  # 11 queries: one, several and a ragged last block
+def test_chunked_attention_is_exact_attention(chunk: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (11, 13, 13))
+    grad = torch.randn(2, 3, 11, 8, generator=g)
+    ours = _attention_and_grads(lambda *t: ChunkedAttention.apply(*t, chunk), q, k, v, grad)
+    ref = _attention_and_grads(lambda *t: F.softmax(t[0] @ t[1].transpose(-1, -2) / math.sqrt(8), -1) @ t[2],
+                               q, k, v, grad)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_attention_on_cpu_takes_the_chunked_path_and_stays_close() -> None:
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+    grad = torch.randn(1, 2, 300, 16, generator=g)
+    ref = _attention_and_grads(attention, q, k, v, grad)  # float32: the fused SDPA kernel
+    bf16 = [t.bfloat16() for t in (q, k, v, grad)]
+    ours = _attention_and_grads(attention, *bf16)
+    assert attention(*bf16[:3]).grad_fn is None  # no grad needed: no graph
+    with torch.enable_grad():
+        assert "ChunkedAttention" in type(attention(*(t.requires_grad_() for t in bf16[:3])).grad_fn).__name__
+    for a, b in zip(ours, ref):
+        assert ((a - b).norm() / b.norm()).item() < 0.02  # bf16 rounding, not a different function
+
+
+def test_decoder_trains_under_cpu_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    dec = ViTDecoder(decoder_config("official", embed_dim=24, head_dim=10, depth=2, attn_drop=0.0, drop_rate=0.0))
+    y, f = torch.randn(2, 7, 24), torch.randn(2, 9, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dec(y, f)
+    ref = dec(y, f)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.03
+    out.float().square().mean().backward()
+    grads = [p.grad for p in dec.parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
 
 
 def test_official_parameter_counts_match_authors_notebook() -> None:

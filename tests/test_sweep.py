@@ -27,7 +27,7 @@ FAKE_KEYS = frozenset({
     "freeze_encoder", "use_pos_embed", "decoder", "decoder_depth", "decoder_heads", "decoder_dim",
     "decoder_head_dim", "decoder_mlp_ratio", "decoder_dropout", "head_dropout", "w_box", "w_landmark",
     "w_expr", "lr", "weight_decay", "batch_size", "epochs", "early_stop_patience", "lr_patience",
-    "lr_factor", "precision", "feature_cache", "num_workers", "sweep", "stage", "tracking_uri",
+    "lr_factor", "precision", "feature_cache", "num_workers", "cpu_heap", "sweep", "stage", "tracking_uri",
     "experiment", "parent_run_id", "trial_key",
 })
 EPOCHS = 3

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cache_fixture import TinyCache, write_tiny_cache
+from orchestrator import cpu_heap
 from orchestrator import trainable as tr
 from orchestrator.trainable import EPOCH_METRICS, FINAL_METRICS, TrialConfig, run_trial
 
@@ -155,6 +156,37 @@ def test_one_epoch_reports_every_metric(cache: TinyCache) -> None:
     assert final["epoch"] == 0 and final["best_epoch"] == 0 and final["lr"] == pytest.approx(1e-3)
     for name in ("val_uar", "val_war", "test_uar", "test_war"):
         assert 0.0 <= final[name] <= 1.0
+
+
+def test_bf16_on_cpu_trains_through_the_chunked_attention(cache: TinyCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model import attention as attn
+
+    calls = []
+    real = attn.ChunkedAttention.apply
+    monkeypatch.setattr(attn.ChunkedAttention, "apply", lambda *a: calls.append(a[0].dtype) or real(*a))
+    final = run_trial(config(cache, epochs=1, precision="bf16", decoder_dropout=0.0))
+    assert calls and set(calls) == {torch.bfloat16}
+    assert all(math.isfinite(v) for v in final.values())
+
+
+@pytest.mark.skipif(cpu_heap.mmapped_bytes() is None, reason="needs glibc (mallopt, mallinfo2)")
+@pytest.mark.parametrize("policy", ["retain", "default"])
+def test_cpu_trials_keep_freed_memory_for_reuse(cache: TinyCache, policy: str) -> None:
+    def new_mmaps() -> int:  # what a 64 MiB allocation adds to malloc's own-mmap blocks
+        before = cpu_heap.mmapped_bytes()
+        block = torch.ones(64 * 2**20, dtype=torch.uint8)
+        grown = cpu_heap.mmapped_bytes() - before
+        del block
+        return grown
+
+    during: list[int] = []
+    run_trial(config(cache, epochs=1, cpu_heap=policy), lambda metrics, ckpt: during.append(new_mmaps()))
+    assert len(during) == 1
+    if policy == "retain":
+        assert during[0] == 0  # served from the retained heap
+    else:
+        assert during[0] >= 64 * 2**20  # glibc's default: a fresh mmap, page-faulted anew
+    assert new_mmaps() >= 64 * 2**20  # the trial handed glibc's default policy back
 
 
 @pytest.mark.parametrize("arch", ["stl", "shared_mlp"])

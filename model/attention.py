@@ -1,0 +1,83 @@
+"""Attention without an N x N matrix: PyTorch's fused kernels, or query chunks for bf16 on CPU.
+
+:func:`attention` is what the decoders call. It dispatches to ``F.scaled_dot_product_attention``
+(CUDA flash / memory-efficient / cuDNN kernels, the CPU flash kernel for float32) except in one case:
+bfloat16 on CPU without attention dropout, where it runs :class:`ChunkedAttention`.
+
+Why: without AMX, PyTorch's CPU flash kernel gains ~1.1x from bf16, while oneDNN's bf16 batched
+matmuls run at ~2.3x the float32 ones (AVX512-BF16). :class:`ChunkedAttention` computes attention
+one block of ``chunk`` queries at a time with whole-row softmax (no online rescaling, as each block
+sees every key), so every product is one large batched matmul:
+
+- forward, per block: ``S = Q_c K^T`` (bf16 in, rounded to bf16), ``P = exp(S * scale - lse)``
+  in float32, ``O_c = P V`` (bf16); only ``O`` and the float32 log-sum-exp rows are kept;
+- backward, per block: ``S`` and ``P`` recomputed from ``lse``, then ``dV += P^T dO_c``,
+  ``dP = dO_c V^T``, ``dS = P * (dP - rowsum(dO * O)) * scale``, ``dQ_c = dS K``,
+  ``dK += dS^T Q_c``, with ``dK``/``dV`` accumulated in float32.
+
+Live memory is O(B h chunk N) for the block's scores instead of O(B h N^2); what is kept for
+backward is Q, K, V, O and lse, as for the flash kernels. On a 2-core AVX-512 CPU (official shape,
+3 heads of 256, N = 1568) forward + backward ran at ~205 GFLOP/s against ~150 for the CPU flash
+kernel in float32 and ~130 for an explicit float32 ``softmax(Q K^T) V``; with heads of 512 (paper
+preset) ~250. Results match float32 attention to bf16 rounding (~0.6% relative error).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK = 256
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` for (B, h, N, d) tensors, never holding an N x N matrix when a
+    fused kernel exists (on CPU with dropout PyTorch has none and materialises it)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0:
+        return ChunkedAttention.apply(q, k, v, DEFAULT_CHUNK)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+
+class ChunkedAttention(torch.autograd.Function):
+    """Exact attention in blocks of query rows, with large batched matmuls (see the module doc).
+
+    ``apply(q, k, v, chunk)``: q (B, h, Nq, d), k and v (B, h, Nk, d) of one floating dtype; the
+    softmax and the gradient accumulators are float32 whatever that dtype is.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:  # noqa: D102
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        scale = q.shape[-1] ** -0.5
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)  # (B, h, Nq)
+        kt = k.transpose(-1, -2)
+        for i in range(0, q.shape[-2], chunk):
+            s = torch.matmul(q[..., i:i + chunk, :], kt).float().mul_(scale)  # (B, h, c, Nk)
+            rows = torch.logsumexp(s, dim=-1, keepdim=True)
+            p = s.sub_(rows).exp_()
+            lse[..., i:i + chunk] = rows.squeeze(-1)
+            out[..., i:i + chunk, :] = torch.matmul(p.to(q.dtype), v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.chunk, ctx.scale = chunk, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:  # noqa: D102
+        q, k, v, out, lse = ctx.saved_tensors
+        chunk, scale = ctx.chunk, ctx.scale
+        dout = dout.to(q.dtype).contiguous()
+        delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O): (B, h, Nq)
+        dq = torch.empty_like(q)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        kt, vt = k.transpose(-1, -2), v.transpose(-1, -2)
+        for i in range(0, q.shape[-2], chunk):
+            qc, doc = q[..., i:i + chunk, :], dout[..., i:i + chunk, :]
+            p = torch.matmul(qc, kt).float().mul_(scale).sub_(lse[..., i:i + chunk, None]).exp_()
+            dv.add_(torch.matmul(p.to(q.dtype).transpose(-1, -2), doc))
+            dp = torch.matmul(doc, vt).float()
+            ds = p.mul_(dp.sub_(delta[..., i:i + chunk, None])).mul_(scale).to(q.dtype)
+            dq[..., i:i + chunk, :] = torch.matmul(ds, k)
+            dk.add_(torch.matmul(ds.transpose(-1, -2), qc))
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None
