@@ -23,8 +23,6 @@ import mmap
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -63,6 +61,12 @@ def mmapped_bytes() -> int | None:
     """
     libc = _glibc()
     return None if libc is None else int(libc.mallinfo2().hblkhd)
+
+
+def free_heap_bytes() -> int | None:
+    """Free bytes malloc holds for reuse (glibc ``mallinfo2().fordblks``), resident or not."""
+    libc = _glibc()
+    return None if libc is None else int(libc.mallinfo2().fordblks)
 
 
 # mallopt parameters (malloc.h) and glibc's own steady state for large blocks: blocks from 32 MiB up
@@ -113,25 +117,48 @@ _MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault a whole range in with one call
 
 
 def prefault_heap(nbytes: int) -> bool:
-    """Grow the retained heap by ``nbytes`` of resident pages, as a training loop's first step would.
+    """Make ``nbytes`` of free heap memory resident, as a training loop's first step would.
 
     With :func:`heap_retention` on, later allocations carve from this memory without page faults,
     so a benchmark reaches a long training loop's steady state without running warm-up steps.
-    ``MADV_POPULATE_WRITE`` faults the range in one call (about 5x faster than touching it); where
-    unsupported the block is written instead. Returns False where glibc is absent.
+    First the free memory malloc already holds is made resident: :func:`release_heap` (and glibc's
+    own trimming) hands free pages inside the heap back to the OS but keeps their address ranges,
+    so reusing them page-faults again. It is claimed in 1 MiB blocks, which malloc serves from those
+    free ranges before it grows the heap. Then the heap grows by what is still missing. Each block
+    is faulted in with one ``MADV_POPULATE_WRITE`` call (about 5x faster than touching it; where
+    unsupported it is written). Returns False where glibc is absent or ``nbytes <= 0``.
     """
     libc = _glibc()
     if libc is None or nbytes <= 0:
         return False
-    block = torch.empty(nbytes, dtype=torch.uint8)
-    page = mmap.PAGESIZE
-    start = (block.data_ptr() + page - 1) // page * page
-    end = (block.data_ptr() + nbytes) // page * page
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    if end <= start or libc.madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
-        block.fill_(0)
-    del block
+    held = int(libc.mallinfo2().fordblks)  # free_heap_bytes()
+    small = [libc.malloc(_BLOCK) for _ in range(held // _BLOCK)]
+    large = libc.malloc(nbytes - held) if nbytes > held else None
+    try:
+        for pointer, size in [(b, _BLOCK) for b in small] + [(large, nbytes - held)]:
+            if pointer:
+                _populate(libc, pointer, size)
+    finally:
+        for pointer in [*small, large]:
+            if pointer:
+                libc.free(pointer)
     return True
+
+
+_BLOCK = 2**20
+
+
+def _populate(libc: ctypes.CDLL, pointer: int, size: int) -> None:
+    """Fault in the whole pages of ``[pointer, pointer + size)`` for writing."""
+    page = mmap.PAGESIZE
+    start = (pointer + page - 1) // page * page
+    end = (pointer + size) // page * page
+    if end > start and libc.madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
+        ctypes.memset(start, 0, end - start)
 
 
 def release_heap() -> None:
