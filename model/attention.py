@@ -47,37 +47,38 @@ class ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:  # noqa: D102
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         scale = q.shape[-1] ** -0.5
-        out = torch.empty_like(q)
+        qs = (q * scale).contiguous()  # the scale on (N, d), not on every (c, N) block of scores
+        k, v = k.contiguous(), v.contiguous()
+        out = torch.empty_like(qs)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)  # (B, h, Nq)
         kt = k.transpose(-1, -2)
         for i in range(0, q.shape[-2], chunk):
-            s = torch.matmul(q[..., i:i + chunk, :], kt).float().mul_(scale)  # (B, h, c, Nk)
+            s = torch.matmul(qs[..., i:i + chunk, :], kt).float()  # (B, h, c, Nk)
             rows = torch.logsumexp(s, dim=-1, keepdim=True)
             p = s.sub_(rows).exp_()
             lse[..., i:i + chunk] = rows.squeeze(-1)
             out[..., i:i + chunk, :] = torch.matmul(p.to(q.dtype), v)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(qs, k, v, out, lse)
         ctx.chunk, ctx.scale = chunk, scale
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:  # noqa: D102
-        q, k, v, out, lse = ctx.saved_tensors
+        qs, k, v, out, lse = ctx.saved_tensors  # qs = q * scale
         chunk, scale = ctx.chunk, ctx.scale
-        dout = dout.to(q.dtype).contiguous()
+        dout = dout.to(qs.dtype).contiguous()
         delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O): (B, h, Nq)
-        dq = torch.empty_like(q)
+        dq = torch.empty_like(qs)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         kt, vt = k.transpose(-1, -2), v.transpose(-1, -2)
-        for i in range(0, q.shape[-2], chunk):
-            qc, doc = q[..., i:i + chunk, :], dout[..., i:i + chunk, :]
-            p = torch.matmul(qc, kt).float().mul_(scale).sub_(lse[..., i:i + chunk, None]).exp_()
-            dv.add_(torch.matmul(p.to(q.dtype).transpose(-1, -2), doc))
+        for i in range(0, qs.shape[-2], chunk):
+            qc, doc = qs[..., i:i + chunk, :], dout[..., i:i + chunk, :]
+            p = torch.matmul(qc, kt).float().sub_(lse[..., i:i + chunk, None]).exp_()
+            dv.add_(torch.matmul(p.to(qs.dtype).transpose(-1, -2), doc))
             dp = torch.matmul(doc, vt).float()
-            ds = p.mul_(dp.sub_(delta[..., i:i + chunk, None])).mul_(scale).to(q.dtype)
-            dq[..., i:i + chunk, :] = torch.matmul(ds, k)
-            dk.add_(torch.matmul(ds.transpose(-1, -2), qc))
+            ds = p.mul_(dp.sub_(delta[..., i:i + chunk, None])).to(qs.dtype)  # dS / scale
+            dq[..., i:i + chunk, :] = torch.matmul(ds, k).mul_(scale)
+            dk.add_(torch.matmul(ds.transpose(-1, -2), qc))  # dS^T Q = (dS / scale)^T (Q * scale)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None
