@@ -149,7 +149,8 @@ class StepSetting:
             default, under which every block of 32 MiB and up is page-faulted afresh on every
             step. A retaining side's heap is pre-faulted before each of its steps (untimed) when
             the other side does not retain (its steps hand the memory back), or when there is
-            no warm-up step.
+            no warm-up step; a side on glibc's default starts each step from a trimmed heap
+            (untimed), so it does not run on the other side's resident memory.
         sides: What to run: both, or ``("system",)`` for a fraction-of-peak figure alone.
     """
 
@@ -407,6 +408,8 @@ class Side:
             heap_retention(self.retain_heap)
             if self.retain_heap and self.prefault_bytes:
                 prefault_heap(self.prefault_bytes)  # untimed: a long run's heap is already resident
+            elif not self.retain_heap:
+                release_heap()  # untimed: not the other side's resident memory, as in a plain process
         before, cpu_start = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
         with PeakMemory(device) as mem:
             wall = time_call(self.runner.step, device)
