@@ -7,7 +7,6 @@ numbers (seconds, clips/s, bytes, FLOP/s) so a reader can recompute every ratio.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math

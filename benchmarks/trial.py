@@ -44,6 +44,7 @@ from benchmarks.common import Result, default_device, make_result, summarize_tim
 from model import ARCHITECTURES, MTCAEModel, ModelConfig, build_model
 from model.encoder import encoder_config, encoder_flops
 from orchestrator import trainable as tr
+from orchestrator import trial_data as td
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def write_cache(root: Path, num_clips: int, img_size: int, num_classes: int, see
 # Measured epochs
 
 
-def _trial(setting: EpochSetting, cache: Path, data: tr.TrialData, feature_cache: str,
+def _trial(setting: EpochSetting, cache: Path, data: td.TrialData, feature_cache: str,
            device: torch.device) -> tr.Trial:
     cfg = tr.TrialConfig.from_flat({
         "arch": setting.arch, "encoder": setting.encoder, "decoder": setting.decoder, "cache_dir": str(cache),
@@ -181,11 +182,11 @@ def measure_epochs(setting: EpochSetting, device: torch.device | None = None) ->
         splits = {"train": ids[: setting.train_clips],
                   "val": ids[setting.train_clips : setting.train_clips + setting.val_clips],
                   "test": ids[-n_test:]}
-        data = tr.trial_data_from_splits(cache, splits, "demo")
+        data = td.trial_data_from_splits(cache, splits, "demo")
         e2e = _trial(setting, cache, data, "off", device)
         build_s = time_call(lambda: _trial(setting, cache, data, "on", device), device)  # encodes every clip
         cached = _trial(setting, cache, data, "on", device)  # reuses the stored tokens
-        batches = tr.epoch_batches(setting.train_clips, setting.batch_size, seed=0, epoch=0)
+        batches = td.epoch_batches(setting.train_clips, setting.batch_size, seed=0, epoch=0)
         pure = _pure_steps(cached, batches)
         times = _time_rounds(cached, e2e, pure, setting.rounds)
     return _epoch_results(setting, device, times, build_s, cached)
