@@ -156,6 +156,36 @@ def test_bf16_attention_on_cpu_takes_the_chunked_path_and_stays_close() -> None:
         assert ((a - b).norm() / b.norm()).item() < 0.02  # bf16 rounding, not a different function
 
 
+def _largest_allocation(step) -> int:
+    """Bytes of the largest single CPU allocation made by ``step()`` (PyTorch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_decoder_step_never_materialises_the_attention_matrix(bf16: bool) -> None:
+    """Fused SDPA (fp32) and the chunked bf16 path hold no (B, h, N, N) block; the eager one does."""
+    torch.manual_seed(0)
+    n, heads = 2048, 2
+    dec = ViTDecoder(decoder_config("official", embed_dim=16, num_heads=heads, head_dim=8, depth=1,
+                                    attn_drop=0.0))
+    y, f = torch.randn(1, n, 16), torch.randn(1, n, 16)
+    full = heads * n * n * 4  # one layer's float32 scores for the batch
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = dec(y, f)
+        out.float().square().mean().backward()
+
+    assert _largest_allocation(step) < full // 4
+    q, k, v = (torch.randn(1, heads, n, 8, requires_grad=True) for _ in range(3))
+    eager = _largest_allocation(lambda: (F.softmax(q @ k.transpose(-1, -2), -1) @ v).sum().backward())
+    assert eager >= full  # the probe does see an N x N block
+
+
 def test_decoder_trains_under_cpu_bf16_autocast() -> None:
     torch.manual_seed(0)
     dec = ViTDecoder(decoder_config("official", embed_dim=24, head_dim=10, depth=2, attn_drop=0.0, drop_rate=0.0))
