@@ -53,9 +53,9 @@ from orchestrator.trial_data import (  # noqa: F401  (Targets, trial_data_from_s
     TokenSource,
     TrialData,
     VideoSource,
-    _derive_seed,
-    _eval_batches,
+    derive_seed,
     epoch_batches,
+    eval_batches,
     load_trial_data,
     trial_data_from_splits,
 )
@@ -68,8 +68,8 @@ FEATURE_CACHE_MODES = ("auto", "on", "off")
 STAGES = ("search", "cv")
 # Where a trial is logged, not what it is: not hashed, not logged as params.
 TRACKING_KEYS = frozenset({"tracking_uri", "experiment", "parent_run_id", "trial_key"})
-# Neither changes results: left out of the config hash and of the resume check.
 CPU_HEAP_POLICIES = ("retain", "default")
+# Neither changes results: left out of the config hash and of the resume check.
 RUNTIME_KEYS = frozenset({"cache_dir", "num_workers", "cpu_heap", "sweep", "stage"}) | TRACKING_KEYS
 
 ADAM_BETAS = (0.9, 0.999)  # Keras AdamW defaults (official_spec.md 5)
@@ -146,8 +146,9 @@ class TrialConfig:
         num_workers: DataLoader workers for the end-to-end path.
         cpu_heap: On CPU, ``retain`` (default) keeps freed memory in the process for reuse during
             the trial, like CUDA's caching allocator, instead of page-faulting every large
-            activation afresh each step (``orchestrator.cpu_heap``; a batch-16 official-preset step
-            ran about 1.5x faster); ``default`` leaves glibc's policy. Not a hyperparameter.
+            activation afresh each step (``orchestrator.cpu_heap``; a batch-16 official-preset
+            step ran 1.2x to 1.9x faster across runs on a 2-core VM); ``default`` leaves glibc's
+            policy. Not a hyperparameter.
         sweep: Sweep name (tag).
         stage: ``search`` (HPO) or ``cv`` (final cross-validation) (tag).
         tracking_uri: MLflow tracking URI; None falls back to ``$MLFLOW_TRACKING_URI``, and to no
@@ -561,7 +562,7 @@ class Trial:
         self.model.eval()
         targets = self.data.splits[split]
         meter = _Meter()
-        for batch in self.source(targets, _eval_batches(len(targets.clip_ids), self.cfg.batch_size)):
+        for batch in self.source(targets, eval_batches(len(targets.clip_ids), self.cfg.batch_size)):
             losses, logits = self._forward(batch)
             meter.add(losses, logits, batch["label"], batch["clip_id"])
         return meter
@@ -570,7 +571,7 @@ class Trial:
 
     def run_epoch(self, epoch: int, progress: bool = False) -> dict[str, float]:
         """Train, validate, step the LR schedule and early stopping; the epoch's metrics."""
-        torch.manual_seed(_derive_seed(self.cfg.seed, epoch, 2))  # dropout stream of this epoch
+        torch.manual_seed(derive_seed(self.cfg.seed, epoch, 2))  # dropout stream of this epoch
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
         train = self.train_epoch(epoch, progress)

@@ -149,16 +149,18 @@ def _class_names(settings: Mapping[str, Any], manifest: Any, dataset: str) -> tu
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The epoch's training batches: a permutation drawn from ``(seed, epoch)`` only, so the order
     is the same in an uninterrupted and a resumed run. The last batch may be smaller."""
-    generator = torch.Generator().manual_seed(_derive_seed(seed, epoch, 1))
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch, 1))
     order = torch.randperm(n, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def _eval_batches(n: int, batch_size: int) -> list[list[int]]:
+def eval_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Consecutive index batches over ``n`` clips, in order (evaluation needs no shuffle)."""
     return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
 
-def _derive_seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed derived from integer parts (``numpy.random.SeedSequence``), stable across runs."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
