@@ -9,8 +9,9 @@ matmuls run at ~2.3x the float32 ones (AVX512-BF16). :class:`ChunkedAttention` c
 one block of ``chunk`` queries at a time with whole-row softmax (no online rescaling, as each block
 sees every key), so every product is one large batched matmul:
 
-- forward, per block: ``S = Q_c K^T`` (bf16 in, rounded to bf16), ``P = exp(S * scale - lse)``
-  in float32, ``O_c = P V`` (bf16); only ``O`` and the float32 log-sum-exp rows are kept;
+- forward, per block: ``S = Q_c K^T`` (scale folded into Q; bf16 in, rounded to bf16),
+  ``P = exp(log_softmax(S))`` in float32, ``O_c = P V`` (bf16); only ``O`` and the float32
+  log-sum-exp rows are kept;
 - backward, per block: ``S`` and ``P`` recomputed from ``lse``, then ``dV += P^T dO_c``,
   ``dP = dO_c V^T``, ``dS = P * (dP - rowsum(dO * O)) * scale``, ``dQ_c = dS K``,
   ``dK += dS^T Q_c``, with ``dK``/``dV`` accumulated in float32.
@@ -54,11 +55,10 @@ class ChunkedAttention(torch.autograd.Function):
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)  # (B, h, Nq)
         kt = k.transpose(-1, -2)
         for i in range(0, q.shape[-2], chunk):
-            s = torch.matmul(qs[..., i:i + chunk, :], kt).float()  # (B, h, c, Nk)
-            rows = torch.logsumexp(s, dim=-1, keepdim=True)
-            p = s.sub_(rows).exp_()
-            lse[..., i:i + chunk] = rows.squeeze(-1)
-            out[..., i:i + chunk, :] = torch.matmul(p.to(q.dtype), v)
+            s = torch.matmul(qs[..., i:i + chunk, :], kt)  # (B, h, c, Nk), q's dtype
+            log_p = torch.log_softmax(s, dim=-1, dtype=torch.float32)  # one fused pass, float32 out
+            lse[..., i:i + chunk] = s[..., 0].float() - log_p[..., 0]  # log_softmax = s - lse
+            out[..., i:i + chunk, :] = torch.matmul(log_p.exp_().to(q.dtype), v)
         ctx.save_for_backward(qs, k, v, out, lse)
         ctx.chunk, ctx.scale = chunk, scale
         return out
