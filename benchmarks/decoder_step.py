@@ -82,12 +82,13 @@ Precision = Literal["fp32", "bf16"]
 
 NOTES = (
     "Rows named attn_drop0.3 run the presets as trained (the released code's dropout 0.3 on the "
-    "attention probabilities). PyTorch has no fused CPU attention kernel with dropout, so on CPU "
-    "F.scaled_dot_product_attention takes its math path: it materialises the B x h x N x N "
-    "probabilities (and keeps the dropout mask) for every layer, like the eager baseline, and the "
-    "speed-up targets are out of reach there. On CUDA the flash / memory-efficient kernels apply the "
-    "dropout inside the kernel. DecoderConfig(attn_drop=0.0) is the switch that makes CPU training "
-    "fused (rows named attn_drop0): a different regulariser, the same architecture and weights.",
+    "attention probabilities). PyTorch has no fused CPU attention kernel with dropout (its math "
+    "path keeps the B x h x N x N probabilities and mask of every layer), so on CPU the decoders run "
+    "model.attention.ChunkedAttention there: no N x N matrix, the masks redrawn in backward, in "
+    "float32 about as fast as the eager baseline in CPU time. On CUDA the flash / memory-efficient "
+    "kernels apply the dropout inside the kernel. DecoderConfig(attn_drop=0.0) (rows named "
+    "attn_drop0) lets float32 CPU training use PyTorch's flash kernel: a different regulariser, the "
+    "same architecture and weights.",
     "On CPU the fused kernel's gain is memory, not arithmetic: in CPU seconds the eager baseline's "
     "batched matmuls and softmax are about as fast (see cpu_time_ratio), while its N x N tensors "
     "double the live memory and, with glibc's default heap, page-fault gigabytes of fresh memory "
@@ -515,10 +516,9 @@ def _side_numbers(side: Side, batch_size: int, flops: int) -> dict[str, Any]:
 
 def attention_path(cfg: DecoderConfig, device: torch.device, precision: Precision) -> str:
     """Which SDPA implementation a training step takes (PyTorch's dispatch rules, stated)."""
-    if device.type == "cpu" and cfg.attn_drop > 0:
-        return "math (materialises B x h x N x N: no fused CPU kernel supports dropout)"
-    if device.type == "cpu" and precision == "bf16":
-        return "query-chunked bf16 matmuls (model.attention.ChunkedAttention, no N x N matrix)"
+    if device.type == "cpu" and (cfg.attn_drop > 0 or precision == "bf16"):
+        return (f"query-chunked {precision} matmuls (model.attention.ChunkedAttention, no N x N matrix"
+                + (", dropout masks redrawn in backward)" if cfg.attn_drop > 0 else ")"))
     if device.type == "cpu":
         return "flash (fused CPU kernel, no N x N matrix)"
     return f"fused CUDA kernel (flash / memory-efficient / cuDNN), {precision}"
@@ -531,7 +531,7 @@ def quick_settings() -> list[StepSetting]:
     (``attn_drop=0``), one timed step per side, each side under the heap policy it runs with for
     real (the system as the trainable: retained; the baseline: glibc's default), in float32 and
     with bf16 autocast (``precision="bf16"``: query-chunked bf16 attention, ``model.attention``);
-    the preset as trained (attention dropout 0.3, which on CPU has no fused kernel) at batch 1;
+    the preset as trained (attention dropout 0.3: chunked attention on CPU) at batch 1;
     the paper preset in both precisions at batch 2 (at batch 16 its eager baseline needs ~23 GiB).
     No warm-up steps where the batch is large: a retained heap is pre-faulted instead, and on
     glibc's default heap every step page-faults its large blocks afresh, so the first step is the

@@ -105,10 +105,9 @@ class CrossAttention(nn.Module):
 
     K and V projections are fused into one matmul. Attention runs through
     :func:`model.attention.attention`: ``F.scaled_dot_product_attention``'s fused kernels (CUDA
-    flash / memory-efficient / cuDNN; CPU flash), or query-chunked large matmuls for bf16 on CPU;
-    neither materialises the N x N matrix. On CPU no fused kernel
-    supports dropout on the probabilities, so training with ``attn_drop > 0`` takes PyTorch's math
-    path, which holds (B, h, N, N) probabilities and masks per layer for backward.
+    flash / memory-efficient / cuDNN; CPU flash), or, on CPU for bf16 and for training with
+    ``attn_drop > 0`` (no fused CPU kernel supports dropout), query-chunked large matmuls whose
+    dropout masks are redrawn in backward; neither materialises the N x N matrix.
     """
 
     def __init__(self, cfg: DecoderConfig) -> None:

@@ -142,6 +142,36 @@ def test_chunked_attention_is_exact_attention(chunk: int) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_chunked_attention_dropout_is_dropout_of_the_probabilities() -> None:
+    from model.attention import _keep_mask
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (11, 13, 13))
+    grad = torch.randn(2, 3, 11, 8, generator=g)
+    chunk, p_drop, seed = 4, 0.3, 1234
+    masks = torch.cat([_keep_mask(torch.Size((2, 3, min(chunk, 11 - i), 13)), p_drop, seed + b, q.device)
+                       for b, i in enumerate(range(0, 11, chunk))], dim=2)
+    values = masks.unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7)
+    ours = _attention_and_grads(lambda *t: ChunkedAttention.apply(*t, chunk, p_drop, seed), q, k, v, grad)
+    ref = _attention_and_grads(
+        lambda *t: (F.softmax(t[0] @ t[1].transpose(-1, -2) / math.sqrt(8), -1) * masks) @ t[2], q, k, v, grad)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_attention_dropout_is_drawn_from_the_global_rng() -> None:
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    torch.manual_seed(7)
+    a = attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(7)
+    b = attention(q, k, v, dropout_p=0.3)
+    c = attention(q, k, v, dropout_p=0.3)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
 def test_bf16_attention_on_cpu_takes_the_chunked_path_and_stays_close() -> None:
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
@@ -165,13 +195,14 @@ def _largest_allocation(step) -> int:
     return max((e.cpu_memory_usage for e in prof.events()), default=0)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_decoder_step_never_materialises_the_attention_matrix(bf16: bool) -> None:
-    """Fused SDPA (fp32) and the chunked bf16 path hold no (B, h, N, N) block; the eager one does."""
+@pytest.mark.parametrize(("bf16", "attn_drop"), [(False, 0.0), (True, 0.0), (False, 0.3), (True, 0.3)])
+def test_decoder_step_never_materialises_the_attention_matrix(bf16: bool, attn_drop: float) -> None:
+    """Fused SDPA (fp32) and the chunked path (bf16, or attention dropout) hold no (B, h, N, N)
+    block in a training step; the eager one does."""
     torch.manual_seed(0)
     n, heads = 2048, 2
     dec = ViTDecoder(decoder_config("official", embed_dim=16, num_heads=heads, head_dim=8, depth=1,
-                                    attn_drop=0.0))
+                                    attn_drop=attn_drop))
     y, f = torch.randn(1, n, 16), torch.randn(1, n, 16)
     full = heads * n * n * 4  # one layer's float32 scores for the batch
 
