@@ -135,7 +135,7 @@ def prefault_heap(nbytes: int) -> bool:
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    held = int(libc.mallinfo2().fordblks)  # free_heap_bytes()
+    held = free_heap_bytes() or 0
     small = [libc.malloc(_BLOCK) for _ in range(held // _BLOCK)]
     large = libc.malloc(nbytes - held) if nbytes > held else None
     try:
