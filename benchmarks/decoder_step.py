@@ -10,7 +10,8 @@ implementation (explicit ``softmax(Q K^T / sqrt(d)) V`` attention, probability d
 
 System: the real model (``F.scaled_dot_product_attention``, see ``model/decoder.py``) with a
 multi-tensor AdamW (fused on CUDA), in float32 on CPU (optionally bf16 autocast, reported against
-the bf16 matmul peak). Both sides run in the same process, alternated, under the same heap policy.
+the bf16 matmul peak). Both sides run in the same process, alternated, each under the heap policy
+it runs with for real (``StepSetting.retain_heap``).
 
 Analytic FLOPs of one step (:func:`step_flops`): backward costs twice the forward for every trained
 matmul (input grad + weight grad), except the shared projection whose input, the frozen encoder's
@@ -29,8 +30,7 @@ the machine, so CPU seconds were compared as well as wall time):
   On this VM a fault costs several microseconds of guest CPU plus host-side stalls that show only
   in wall time, so wall-clock ratios swung between 1.0x and 3x from run to run with the host's
   memory state. A retained heap (``orchestrator.cpu_heap``, what the trainable runs on CPU)
-  removes most of that: the system's
-  step went from ~42-70 s to ~36-46 s wall.
+  removes most of that: the system's step went from ~42-70 s to ~30-46 s wall.
 - ``bernoulli_`` (``F.dropout``'s CPU mask) costs about twice ``rand`` + compare and allocates a
   second tensor, hence ``model.decoder.Dropout``. Splitting the fused ``kv`` projection into two
   matmuls (no dK/dV re-packing copy) measured no different and was dropped. bf16 autocast: matmuls
@@ -102,9 +102,6 @@ NOTES = (
     "(glibc's default). The speed-up therefore includes the allocator policy, which is part of "
     "the system. Rows named default_heap run the system (and, when measured, the baseline) on "
     "glibc's default, both_retained_heap both sides retained: they separate the two effects.",
-    "The paper preset has 3 heads of width 512: the explicit baseline's softmax work grows with N^2 "
-    "while its matmuls grow with N^2 x head width, so its overhead is half the official preset's "
-    "and the paper rows' speed-up is smaller.",
     "bf16 rows: the system under CPU autocast (TrialConfig.precision='bf16'), the baseline in "
     "float32 as always, reported against the bf16 matmul peak. Without AMX PyTorch's CPU flash "
     "kernel gains ~1.1x from bf16 while oneDNN's bf16 matmuls gain ~2.3x, so on CPU the decoders "
@@ -112,9 +109,10 @@ NOTES = (
     "no N x N matrix, float32 softmax and gradient accumulation); its float32 elementwise passes "
     "over each chunk's scores are why the step's fraction of the bf16 peak is lower than the "
     "float32 step's of the float32 peak.",
-    "The paper preset in float32 gains little over the eager baseline on CPU (~1.0x at batch 4): "
-    "with heads of 512 the baseline's softmax is a small share of its work and MKL's batched "
-    "matmuls are as fast as the flash kernel, whose backward recomputes Q K^T.",
+    "The paper preset in float32 gains little over the eager baseline on CPU (1.0x-1.3x at batch "
+    "1-4): with heads of 512 the baseline's softmax grows with N^2 while its matmuls grow with N^2 x "
+    "head width, so it is a small share of its work, and MKL's batched matmuls are as fast as the "
+    "flash kernel, whose backward recomputes Q K^T.",
     "torch.compile is not used: compiling the step took minutes on a 2-core CPU and the compiled "
     "step was not reliably faster than eager (see the module docstring).",
 )
