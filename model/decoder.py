@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import attention
+from model.dropout import Dropout
 from model.presets import resolve_preset
 
 
@@ -77,27 +78,6 @@ def decoder_config(name: str | DecoderConfig, **overrides: object) -> DecoderCon
         ValueError: Unknown preset name or unknown field.
     """
     return resolve_preset("decoder", name, DECODER_PRESETS, **{k: v for k, v in overrides.items() if v is not None})
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` with a cheaper keep-mask for float32 on CPU; same distribution, same module API.
-
-    Each element is kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``, as in
-    ``F.dropout``. On CPU, ``F.dropout`` draws its mask with ``bernoulli_``, which costs about twice
-    a uniform draw plus a comparison, and the decoder step applies dropout to every MLP activation
-    (benchmarks/decoder_step.py). The uniform is float32 (2^-24 resolution), as CUDA's dropout uses.
-    Elsewhere (CUDA, bf16/fp16, p in {0, 1}) it is ``F.dropout`` out of place, CUDA's fused kernel.
-
-    ``inplace=True`` *allows* overwriting the input (done on the CPU path): for fresh activations
-    that autograd does not keep, such as a GELU's output, it saves an allocation and a pass.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Drop elements of ``x`` in training mode."""
-        if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu" or x.dtype != torch.float32:
-            return F.dropout(x, self.p, self.training)
-        keep = torch.rand_like(x).ge_(self.p).div_(1.0 - self.p)  # Bernoulli(1 - p) / (1 - p)
-        return x.mul_(keep) if self.inplace else x * keep
 
 
 class CrossAttention(nn.Module):

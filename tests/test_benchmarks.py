@@ -246,16 +246,27 @@ def test_cli_bench_and_module_entry_point_share_run_all(fake_suite: list[bool], 
 
 def test_fast_cpu_dropout_has_dropout_semantics() -> None:
     from model.decoder import Dropout
+    from model.dropout import drop_threshold
 
     torch.manual_seed(0)
     drop = Dropout(0.3)
+    _, p_used = drop_threshold(0.3)
+    assert abs(p_used - 0.3) < 2**-16
     x = (torch.rand(1_000_000) + 1.0).requires_grad_()
     y = drop(x)
     kept = y != 0
     assert abs(1.0 - kept.float().mean().item() - 0.3) < 0.003
-    torch.testing.assert_close(y[kept], x[kept] / 0.7)
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p_used))
     y.backward(torch.ones_like(y))
-    torch.testing.assert_close(x.grad, kept.float() / 0.7)
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p_used))
+    xb = x.detach().bfloat16().requires_grad_()
+    yb = drop(xb)
+    assert yb.dtype == torch.bfloat16
+    kept = yb != 0
+    assert abs(1.0 - kept.float().mean().item() - 0.3) < 0.003
+    torch.testing.assert_close(yb[kept], (xb[kept].float() / (1 - p_used)).bfloat16())  # scaled, rounded once
+    yb.backward(torch.ones_like(yb))
+    assert xb.grad.dtype == torch.bfloat16
     assert drop.eval()(x) is x
     inplace = Dropout(0.5, inplace=True).train()
     z = torch.ones(1000)

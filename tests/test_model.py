@@ -152,12 +152,41 @@ def test_chunked_attention_dropout_is_dropout_of_the_probabilities() -> None:
     masks = torch.cat([_keep_mask(torch.Size((2, 3, min(chunk, 11 - i), 13)), p_drop, seed + b, q.device)
                        for b, i in enumerate(range(0, 11, chunk))], dim=2)
     values = masks.unique().tolist()
-    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7)
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7, rel=1e-5)
     ours = _attention_and_grads(lambda *t: ChunkedAttention.apply(*t, chunk, p_drop, seed), q, k, v, grad)
     ref = _attention_and_grads(
         lambda *t: (F.softmax(t[0] @ t[1].transpose(-1, -2) / math.sqrt(8), -1) * masks) @ t[2], q, k, v, grad)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_chunked_attention_with_dropout_stays_close_to_float32() -> None:
+    """bf16 with dropout: the same keep masks as float32, so only bf16 rounding differs."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+    grad = torch.randn(1, 2, 300, 16, generator=g)
+    run = lambda *t: ChunkedAttention.apply(*t, 64, 0.3, 99)  # noqa: E731
+    ref = _attention_and_grads(run, q, k, v, grad)
+    ours = _attention_and_grads(run, *(t.bfloat16() for t in (q, k, v, grad)))
+    for a, b in zip(ours, ref):
+        assert ((a - b).norm() / b.norm()).item() < 0.02
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_keep_mask_drops_each_element_independently_with_probability_p(p: float) -> None:
+    from model.dropout import keep_mask
+
+    mask = keep_mask((4000, 256), p, torch.Generator().manual_seed(0))
+    values = mask.unique().tolist()
+    assert mask.dtype == torch.float32 and len(values) == 2 and values[0] == 0.0
+    assert values[1] == pytest.approx(1 / (1 - p), rel=1e-4)
+    dropped = (mask == 0).float()
+    # Every int16 lane of the 64-bit draws (elements 4i, 4i+1, ...) is uniform, not only some of them.
+    for lane in range(4):
+        assert abs(dropped.flatten()[lane::4].mean().item() - p) < 0.006
+    assert abs(mask.mean().item() - 1.0) < 0.01  # kept elements are rescaled: expectation 1
+    again = keep_mask((4000, 256), p, torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again)
 
 
 def test_cpu_attention_dropout_is_drawn_from_the_global_rng() -> None:
@@ -200,7 +229,7 @@ def test_decoder_step_never_materialises_the_attention_matrix(bf16: bool, attn_d
     """Fused SDPA (fp32) and the chunked path (bf16, or attention dropout) hold no (B, h, N, N)
     block in a training step; the eager one does."""
     torch.manual_seed(0)
-    n, heads = 2048, 2
+    n, heads = 4096, 2  # query blocks of 512 rows: 1/8 of the matrix
     dec = ViTDecoder(decoder_config("official", embed_dim=16, num_heads=heads, head_dim=8, depth=1,
                                     attn_drop=attn_drop))
     y, f = torch.randn(1, n, 16), torch.randn(1, n, 16)
