@@ -142,6 +142,17 @@ def test_chunked_attention_is_exact_attention(chunk: int) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 100, 512, 513, 784, 1568, 3137])
+def test_even_chunk_splits_queries_into_equal_blocks_of_at_most_max_chunk(n: int) -> None:
+    from model.attention import MAX_CHUNK, even_chunk
+
+    chunk = even_chunk(n)
+    blocks = -(-n // chunk)
+    assert chunk <= MAX_CHUNK and blocks == -(-n // MAX_CHUNK)  # the fewest blocks
+    assert n - (blocks - 1) * chunk > chunk - blocks  # the last block is not ragged
+    assert even_chunk(1568) == 392
+
+
 def test_chunked_attention_dropout_is_dropout_of_the_probabilities() -> None:
     from model.attention import _keep_mask
 
