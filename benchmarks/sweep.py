@@ -92,7 +92,8 @@ def measure_overhead(n_trials: int, n_small: int, rounds: int, storage: Path) ->
 
 def overhead_result(quick: bool, storage: Path, sizes: tuple[int, int, int] | None = None) -> Result:
     """The per-trial overhead record; ``sizes`` = (trials, small trials, rounds) overrides the mode."""
-    n_trials, n_small, rounds = sizes or ((10, 2, 2) if quick else (32, 4, 3))
+    # quick: one round (the reuse gain is ~5x against a target of 2), to keep --quick under 10 minutes
+    n_trials, n_small, rounds = sizes or ((10, 2, 1) if quick else (32, 4, 3))
     raw = measure_overhead(n_trials, n_small, rounds, storage)
     return make_result(
         "sweep_trial_overhead_reuse", raw["fresh_s"] / raw["reuse_s"], OVERHEAD_TARGET,
