@@ -33,7 +33,7 @@ the machine, so CPU seconds were compared as well as wall time):
   removes most of that: the system's step went from ~42-70 s to ~30-46 s wall.
 - ``bernoulli_`` (``F.dropout``'s CPU mask, float32 or bf16) costs ~10 ns per element and
   ``rand`` ~3 ns (a serial Mersenne Twister), hence ``model.dropout.keep_mask``: 16 random bits
-  per element, four per 64-bit draw, one vectorised compare (~1 ns). Splitting the fused ``kv``
+  per element, four per 64-bit draw, one vectorised compare (~2 ns in all). Splitting the fused ``kv``
   projection into two matmuls (no dK/dV re-packing copy) measured no different (official b4, paper
   b1) and was dropped. bf16 autocast: matmuls 2.3x faster, CPU flash attention ~1.1x, hence
   ``model.attention.ChunkedAttention`` for bf16 on CPU. Its first version ran float32

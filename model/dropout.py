@@ -3,7 +3,8 @@
 PyTorch's CPU dropout draws its mask with ``bernoulli_`` (~10 ns per element on the 2-core machine
 of benchmarks/report.md, float32 or bf16), and ``torch.rand`` costs ~3 ns: CPU generators are a
 serial Mersenne Twister. :func:`keep_mask` draws 16 random bits per element instead, four elements
-per 64-bit draw (~1 ns), and compares them with a threshold in one vectorised, multi-threaded pass.
+per 64-bit draw, and compares them with a threshold in one vectorised, multi-threaded pass: ~2 ns
+per element in all.
 
 The drop probability is thereby rounded to a multiple of 2^-16 (0.3 becomes 0.3000031), and kept
 elements are scaled by ``1 / (1 - p)`` of that rounded ``p``, so the expectation is exact.

@@ -340,6 +340,12 @@ def resolve_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX), per PyTorch's probes."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``precision`` on ``device`` (None = plain fp32).
 
@@ -352,6 +358,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("trial config precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning("precision='bf16' on a CPU without AVX512-BF16 or AMX: bf16 matmuls are emulated "
+                       "and likely slower than float32 here (precision='fp32' or 'auto' avoids that)")
     table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in table:
         raise ValueError(f"trial config precision={precision!r}; expected one of {list(PRECISIONS)}")

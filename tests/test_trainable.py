@@ -115,6 +115,17 @@ def test_fp16_needs_cuda() -> None:
     assert tr.resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(native: bool, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="orchestrator.trainable"):
+        assert tr.resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+        tr.resolve_precision("fp32", torch.device("cpu"))
+    assert ("AVX512-BF16" in caplog.text) is not native
+
+
 # --------------------------------------------------------------------------------------------
 # Schedules
 
