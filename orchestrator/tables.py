@@ -1,30 +1,20 @@
 """Result tables and figures from MLflow trial runs, in the paper's shape (``mtcae table``).
 
-Pipeline: :func:`load_runs` (MLflow -> one row per dataset/arch/configuration/fold) ->
-:func:`aggregate` (mean ± std over folds per dataset/arch, folds present vs expected) ->
+Pipeline: :func:`orchestrator.results.load_runs` (MLflow -> one row per dataset/arch/configuration/
+fold) -> :func:`orchestrator.results.aggregate` (mean ± std over folds per dataset/arch, folds
+present vs expected, the configuration chosen on validation; conventions in that module) ->
 table builders (:func:`table1`, :func:`comparison_tables`, :func:`recall_tables`,
 :func:`compare_archs`) -> renderers (:func:`to_markdown`, :func:`to_latex`, CSV,
-:func:`plot_results`)
--> :func:`make_tables` writes the files and logs them to the sweep's parent run.
+:func:`plot_results`) -> :func:`make_tables` writes the files and logs them to the sweep's parent run.
 
-Conventions:
-
-* Trial runs log UAR/WAR/accuracy/recall as fractions in [0, 1] (``model.metrics``); tables show
-  percent, like the paper.
-* ``±`` is the sample standard deviation over folds (ddof=1); a single fold shows no ``±``.
-* A fold counts as done when its run is ``FINISHED`` and has ``test_war``. Missing folds (no run),
-  failed folds (``FAILED``/``KILLED``/finished without test metrics) and running folds are listed
-  next to every mean: they are never silently averaged away.
-* When a (dataset, arch) group holds several configurations (``config_hash``), the one with the
-  most done folds, then the best mean ``best_val_uar`` (validation UAR at the best epoch; the last
-  ``val_uar`` for runs without it), is reported: the choice never looks at test metrics.
-* Datasets without a paper reference (e.g. ``demo``) show ``n/a`` in the paper columns.
+Tables show percent, like the paper; ``±`` is the sample standard deviation over folds (none for a
+single fold); missing, failed and running folds are listed next to every mean. Datasets without a
+paper reference (e.g. ``demo``) show ``n/a`` in the paper columns.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
@@ -35,27 +25,27 @@ import numpy as np
 import pandas as pd
 
 from orchestrator import paper_results as paper
+from orchestrator.results import (
+    SCALE,
+    SELECT_METRICS,
+    aggregate,
+    arch_rank,
+    chosen_runs,
+    dataset_rank,
+    experiment_ids,
+    load_runs,
+    open_store,
+    search_all,
+    stage_filter,
+)
 from orchestrator.tracking import (
     RECALL_PREFIX,
     STAGE_SWEEP,
-    TAG_ARCH,
-    TAG_CONFIG_HASH,
-    TAG_DATASET,
-    TAG_FOLD,
-    TAG_STAGE,
-    TAG_SWEEP,
-    TAG_TRIAL_KEY,
-    PARENT_RUN_TAG,
     make_client,
-    sqlite_path,
 )
 
 logger = logging.getLogger(__name__)
 
-SCALE = 100.0  # fractions -> percent
-DEFAULT_N_FOLDS = 5  # paper: 5-fold cross-validation; used when runs carry no n_folds param
-# Configuration choice: validation UAR at the best epoch (the trainable logs it), else the last one.
-SELECT_METRICS = ("best_val_uar", "val_uar")
 WILCOXON_MIN_PAIRS = 5  # below this the signed-rank test is not reported
 ALPHA = 0.05
 FORMATS = ("md", "csv", "latex", "png")
@@ -63,269 +53,6 @@ MISSING = "—"
 NA = "n/a"
 ARTIFACT_DIR = "tables"
 
-_DONE, _FAILED, _RUNNING = "done", "failed", "running"
-_KEY = ["dataset", "arch", "config_hash", "fold"]
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-
-
-def _all_experiments(client) -> list:
-    experiments, token = [], None
-    while True:
-        page = client.search_experiments(max_results=1000, page_token=token)
-        experiments.extend(page)
-        token = page.token
-        if not token:
-            return experiments
-
-
-def _experiment_ids(client, experiment: str | Sequence[str] | None) -> dict[str, str]:
-    """Experiment id -> name for the requested names (all active experiments when None)."""
-    if experiment is None:
-        return {e.experiment_id: e.name for e in _all_experiments(client)}
-    names = [experiment] if isinstance(experiment, str) else list(experiment)
-    out = {}
-    for name in names:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            known = sorted(e.name for e in _all_experiments(client))
-            raise ValueError(f"MLflow experiment {name!r} not found; known: {known}")
-        out[exp.experiment_id] = name
-    return out
-
-
-def _stage_filter(stage: str | None, sweep: str | None) -> str:
-    clauses = []
-    for tag, value in ((TAG_STAGE, stage), (TAG_SWEEP, sweep)):
-        if value is None:
-            continue
-        if "'" in value:
-            raise ValueError(f"{tag} value must not contain quotes, got {value!r}")
-        clauses.append(f"tags.{tag} = '{value}'")
-    return " and ".join(clauses)
-
-
-def _search_all(client, experiment_ids: list[str], filter_string: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            experiment_ids, filter_string=filter_string, max_results=1000, page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _run_row(run, experiment_name: str) -> dict:
-    tags, info = run.data.tags, run.info
-    row = {
-        "run_id": info.run_id,
-        "run_name": info.run_name,
-        "experiment": experiment_name,
-        "status": info.status,
-        "dataset": paper.canonical_dataset(tags.get(TAG_DATASET, "")),
-        "arch": tags.get(TAG_ARCH, ""),
-        "fold": tags.get(TAG_FOLD),
-        "sweep": tags.get(TAG_SWEEP, ""),
-        "stage": tags.get(TAG_STAGE, ""),
-        "config_hash": tags.get(TAG_CONFIG_HASH, ""),
-        "trial_key": tags.get(TAG_TRIAL_KEY, ""),
-        "parent_run_id": tags.get(PARENT_RUN_TAG, ""),
-        "start_time": info.start_time,
-        "end_time": info.end_time,
-    }
-    row.update(run.data.metrics)
-    row.update({f"param.{k}": v for k, v in run.data.params.items()})
-    return row
-
-
-def _open_store(tracking_uri: str):
-    db = sqlite_path(tracking_uri)
-    if db is not None and not db.exists():
-        raise FileNotFoundError(
-            f"no MLflow store at {db}; run a sweep or `mtcae demo` first, or pass --tracking-uri / "
-            f"--out pointing at the folder that holds mlflow.db"
-        )
-    return make_client(tracking_uri)
-
-
-def load_runs(
-    tracking_uri: str,
-    experiment: str | Sequence[str] | None = None,
-    sweep: str | None = None,
-    stage: str | None = "cv",
-) -> pd.DataFrame:
-    """Trial runs as a DataFrame, one row per (dataset, arch, config_hash, fold).
-
-    Args:
-        tracking_uri: MLflow tracking URI.
-        experiment: experiment name(s); None reads every active experiment.
-        sweep: keep only runs tagged ``sweep=<sweep>``.
-        stage: ``"cv"`` (default), ``"search"``, ``None`` for any trial stage, or ``"auto"``:
-            ``cv`` runs when there are any, else all trial runs.
-
-    Returns:
-        Columns ``run_id, run_name, experiment, status, dataset, arch, fold (Int64), sweep, stage,
-        config_hash, trial_key, parent_run_id, start_time, end_time``, one column per metric
-        (``test_uar``, ``test_recall_<class>`` ...) and ``param.<name>`` per param. Sweep parent
-        runs (``stage=sweep``, or any run without a ``fold`` tag, such as per-group parents) and
-        runs without ``dataset``/``arch`` tags are left out. When one
-        fold was logged twice, the finished run with test metrics (then the newest) is kept.
-
-    Raises:
-        FileNotFoundError: a ``sqlite:///`` URI whose database file does not exist.
-        ValueError: an unknown experiment name.
-    """
-    client = _open_store(tracking_uri)
-    experiments = _experiment_ids(client, experiment)
-    if stage == "auto":
-        frame = load_runs(tracking_uri, experiment, sweep, "cv") if experiments else pd.DataFrame()
-        if len(frame):
-            return frame
-        logger.info("no runs tagged stage=cv; using every trial run (search stage included)")
-        stage = None
-    runs = []
-    if experiments:
-        runs = _search_all(client, list(experiments), _stage_filter(stage, sweep))
-    rows = [_run_row(r, experiments[r.info.experiment_id]) for r in runs]
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return pd.DataFrame(columns=["run_id", "status", "stage", *_KEY])
-    frame["fold"] = pd.to_numeric(frame["fold"], errors="coerce").astype("Int64")
-    # Parent runs (the sweep's, stage=sweep; per-group ones) carry no fold: they are not trials.
-    frame = frame[(frame["stage"] != STAGE_SWEEP) & frame["fold"].notna()]
-    unlabeled = (frame["dataset"] == "") | (frame["arch"] == "")
-    if unlabeled.any():
-        logger.warning("ignoring %d run(s) without dataset/arch tags", int(unlabeled.sum()))
-    return _deduplicate(frame[~unlabeled].copy()).reset_index(drop=True)
-
-
-def _deduplicate(frame: pd.DataFrame) -> pd.DataFrame:
-    """Keep one run per (dataset, arch, config, fold): finished with test metrics, then newest."""
-    has_test = frame["test_war"].notna() if "test_war" in frame else False
-    frame = frame.assign(_ok=(frame["status"] == "FINISHED") & has_test)
-    frame = frame.sort_values(["_ok", "start_time"], ascending=[False, False], kind="stable")
-    deduped = frame.drop_duplicates(_KEY, keep="first")
-    if len(deduped) < len(frame):
-        logger.warning("%d duplicate fold run(s) ignored", len(frame) - len(deduped))
-    return deduped.drop(columns="_ok").sort_values(_KEY, kind="stable")
-
-
-# --------------------------------------------------------------------------------------------
-# Aggregation
-
-
-def fold_state(runs: pd.DataFrame) -> pd.Series:
-    """``done`` | ``failed`` | ``running`` for each run row."""
-    has_test = runs["test_war"].notna() if "test_war" in runs else pd.Series(False, runs.index)
-    finished = runs["status"] == "FINISHED"
-    running = runs["status"].isin(["RUNNING", "SCHEDULED"])
-    state = np.where(finished & has_test, _DONE, np.where(running, _RUNNING, _FAILED))
-    return pd.Series(state, index=runs.index)
-
-
-def _expected_folds(group: pd.DataFrame, n_folds: int | None) -> int:
-    if n_folds is not None:
-        return n_folds
-    if "param.n_folds" in group:
-        values = pd.to_numeric(group["param.n_folds"], errors="coerce").dropna()
-        if len(values):
-            return int(values.max())
-    return DEFAULT_N_FOLDS
-
-
-def _folds_text(folds: Iterable[int]) -> str:
-    return ",".join(str(int(f)) for f in sorted(folds))
-
-
-def _summarise_config(group: pd.DataFrame, n_folds: int | None) -> dict:
-    """Fold bookkeeping and mean/std of the test metrics for one configuration."""
-    state = fold_state(group)
-    done = group[state == _DONE]
-    expected = _expected_folds(group, n_folds)
-    present = set(group["fold"].dropna().astype(int))
-    out = {
-        "folds_expected": expected,
-        "folds_done": len(done),
-        "folds_missing": _folds_text(set(range(expected)) - present),
-        "folds_failed": _folds_text(group.loc[state == _FAILED, "fold"].dropna()),
-        "folds_running": _folds_text(group.loc[state == _RUNNING, "fold"].dropna()),
-        "select_score": _selection_score(done),
-    }
-    for metric in ("uar", "war", "accuracy"):
-        column = f"test_{metric}"
-        values = done[column] * SCALE if column in done else pd.Series([], dtype=float)
-        out[f"{metric}_mean"] = values.mean() if len(values) else np.nan
-        out[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
-    return out
-
-
-def aggregate(runs: pd.DataFrame, n_folds: int | None = None) -> pd.DataFrame:
-    """Mean ± std over folds per (dataset, arch), with the chosen configuration.
-
-    Args:
-        runs: from :func:`load_runs`.
-        n_folds: expected folds per group; default: the runs' ``n_folds`` param, else 5.
-
-    Returns:
-        One row per (dataset, arch): ``config_hash``, ``n_configs``, ``folds_expected``,
-        ``folds_done``, ``folds_missing``/``folds_failed``/``folds_running`` (comma-separated fold
-        indices), ``uar_mean``, ``uar_std``, ``war_mean``, ``war_std``, ``accuracy_mean``,
-        ``accuracy_std`` (percent), ``complete`` (all expected folds done).
-    """
-    columns = ["dataset", "arch", "config_hash", "n_configs", "folds_expected", "folds_done"]
-    if runs.empty:
-        return pd.DataFrame(columns=columns)
-    rows = []
-    for (dataset, arch), group in runs.groupby(["dataset", "arch"], sort=False):
-        configs = {
-            h: _summarise_config(g, n_folds) for h, g in group.groupby("config_hash", sort=False)
-        }
-        best = max(configs, key=lambda h: _selection_key(configs[h]))
-        rows.append({"dataset": dataset, "arch": arch, "config_hash": best,
-                     "n_configs": len(configs), **configs[best]})
-    agg = pd.DataFrame(rows)
-    agg["complete"] = agg["folds_done"] >= agg["folds_expected"]
-    return _sort_groups(agg).drop(columns="select_score")
-
-
-def _selection_score(done: pd.DataFrame) -> float:
-    """Mean validation score of a configuration's done folds (never a test metric)."""
-    for metric in SELECT_METRICS:
-        if metric in done and done[metric].notna().any():
-            return float(done[metric].mean())
-    return np.nan
-
-
-def _selection_key(summary: dict) -> tuple[int, float]:
-    score = summary["select_score"]
-    return summary["folds_done"], -math.inf if pd.isna(score) else float(score)
-
-
-def _dataset_rank(dataset: str) -> tuple[int, str]:
-    order = list(paper.DATASETS)
-    return (order.index(dataset), dataset) if dataset in order else (len(order), dataset)
-
-
-def _arch_rank(arch: str) -> tuple[int, str]:
-    order = paper.ARCH_ORDER
-    return (order.index(arch), arch) if arch in order else (len(order), arch)
-
-
-def _sort_groups(frame: pd.DataFrame) -> pd.DataFrame:
-    order = sorted(range(len(frame)), key=lambda i: (_dataset_rank(frame["dataset"].iat[i]),
-                                                     _arch_rank(frame["arch"].iat[i])))
-    return frame.iloc[order].reset_index(drop=True)
-
-
-def chosen_runs(runs: pd.DataFrame, agg: pd.DataFrame) -> pd.DataFrame:
-    """The done fold runs of each group's chosen configuration."""
-    chosen = agg[["dataset", "arch", "config_hash"]]
-    merged = runs.merge(chosen, on=["dataset", "arch", "config_hash"], how="inner")
-    return merged[fold_state(merged) == _DONE].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,8 +140,8 @@ def table1(agg: pd.DataFrame) -> Table:
     (measured - paper), and ``folds`` done/expected. The best measured and the best paper value
     per dataset and metric are marked ``best``.
     """
-    datasets = sorted(agg["dataset"].unique(), key=_dataset_rank)
-    archs = sorted(agg["arch"].unique(), key=_arch_rank)
+    datasets = sorted(agg["dataset"].unique(), key=dataset_rank)
+    archs = sorted(agg["arch"].unique(), key=arch_rank)
     cells: dict[tuple[str, str], list[str]] = {
         ("", "MTL Type"): [paper.arch_info(a).mtl_type for a in archs],
         ("", "Decoder"): [paper.arch_info(a).decoder for a in archs],
@@ -495,7 +222,7 @@ def comparison_tables(agg: pd.DataFrame, runs: pd.DataFrame) -> list[Table]:
     Datasets without literature rows get a table of measured rows only.
     """
     tables = []
-    for dataset in sorted(agg["dataset"].unique(), key=_dataset_rank):
+    for dataset in sorted(agg["dataset"].unique(), key=dataset_rank):
         group = agg[agg["dataset"] == dataset]
         rows = [_literature_row(r) for r in paper.LITERATURE.get(dataset, ())]
         rows += [_measured_row(g, runs) for g in group.itertuples()]
@@ -555,13 +282,13 @@ def recall_tables(agg: pd.DataFrame, runs: pd.DataFrame) -> list[Table]:
     """Per dataset: mean test recall (%) per class and architecture over the chosen folds."""
     done = chosen_runs(runs, agg)
     tables = []
-    for dataset in sorted(agg["dataset"].unique(), key=_dataset_rank):
+    for dataset in sorted(agg["dataset"].unique(), key=dataset_rank):
         mine = done[done["dataset"] == dataset]
         columns = [c for c in mine.columns if c.startswith(RECALL_PREFIX) and mine[c].notna().any()]
         if not columns:
             continue
         means = mine.groupby("arch")[columns].mean() * SCALE
-        means = means.loc[sorted(means.index, key=_arch_rank)]
+        means = means.loc[sorted(means.index, key=arch_rank)]
         classes = [c[len(RECALL_PREFIX):] for c in columns]
         cells = pd.DataFrame({"Arch": means.index})
         marks = pd.DataFrame({"Arch": [""] * len(means)})
@@ -597,7 +324,7 @@ def compare_archs(
                              f"present: {sorted(set(agg['arch']))}")
     done = chosen_runs(runs, agg)
     rows = []
-    for dataset in sorted(agg["dataset"].unique(), key=_dataset_rank):
+    for dataset in sorted(agg["dataset"].unique(), key=dataset_rank):
         mine = done[done["dataset"] == dataset]
         for metric in metrics:
             wide = mine.pivot_table(index="fold", columns="arch", values=metric, aggfunc="first")
@@ -768,7 +495,7 @@ def plot_results(agg: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    datasets = sorted(agg["dataset"].unique(), key=_dataset_rank)
+    datasets = sorted(agg["dataset"].unique(), key=dataset_rank)
     done = chosen_runs(runs, agg)
     fig = Figure(figsize=(1.0 + 4.2 * max(len(datasets), 1), 4.2), dpi=110)
     FigureCanvasAgg(fig)
@@ -784,7 +511,7 @@ def plot_results(agg: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
 
 
 def _plot_dataset(ax, group: pd.DataFrame, folds: pd.DataFrame, dataset: str) -> None:
-    group = group.set_index("arch").loc[sorted(group["arch"], key=_arch_rank)]
+    group = group.set_index("arch").loc[sorted(group["arch"], key=arch_rank)]
     x = np.arange(len(group))
     width = 0.38
     for offset, metric, color, ref_index in ((-width / 2, "uar", "tab:blue", 0),
@@ -873,11 +600,11 @@ def find_parent_run(
 ) -> str | None:
     """The sweep's parent run (tagged ``stage=sweep`` and ``sweep=<sweep>``), oldest first; None
     when there is none."""
-    client = _open_store(tracking_uri)
-    experiments = _experiment_ids(client, experiment)
+    client = open_store(tracking_uri)
+    experiments = experiment_ids(client, experiment)
     if not experiments:
         return None
-    runs = _search_all(client, list(experiments), _stage_filter(STAGE_SWEEP, sweep))
+    runs = search_all(client, list(experiments), stage_filter(STAGE_SWEEP, sweep))
     if len(runs) > 1:
         logger.warning("%d parent runs tagged sweep=%s; using the oldest", len(runs), sweep)
     runs.sort(key=lambda r: (r.info.start_time, r.info.run_id))

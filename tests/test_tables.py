@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from scipy import stats
 
-from orchestrator import tables
+from orchestrator import results, tables
 from orchestrator.cli import main
 from orchestrator.tracking import (
     TrialLogger,
@@ -80,8 +80,8 @@ def store(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def loaded(store) -> tuple[pd.DataFrame, pd.DataFrame]:
-    runs = tables.load_runs(store["uri"], EXPERIMENT, sweep=SWEEP, stage="cv")
-    return runs, tables.aggregate(runs)
+    runs = results.load_runs(store["uri"], EXPERIMENT, sweep=SWEEP, stage="cv")
+    return runs, results.aggregate(runs)
 
 
 def _group(agg: pd.DataFrame, dataset: str, arch: str) -> pd.Series:
@@ -219,14 +219,14 @@ def test_paired_comparison_matches_scipy(loaded):
 
 
 def test_search_stage_selects_config_by_validation_not_test(store):
-    runs = tables.load_runs(store["uri"], EXPERIMENT, sweep=SWEEP, stage="search")
-    agg = tables.aggregate(runs)
+    runs = results.load_runs(store["uri"], EXPERIMENT, sweep=SWEEP, stage="search")
+    agg = results.aggregate(runs)
     row = _group(agg, "ravdess", "stl")
     assert (row["config_hash"], row["n_configs"]) == ("hi", 2)
     assert row["uar_mean"] == pytest.approx(60.0)
-    cv = tables.load_runs(store["uri"], EXPERIMENT, stage="cv")
-    assert len(tables.load_runs(store["uri"], EXPERIMENT, stage="auto")) == len(cv)
-    every = tables.load_runs(store["uri"], EXPERIMENT, stage=None)  # group/sweep parents left out
+    cv = results.load_runs(store["uri"], EXPERIMENT, stage="cv")
+    assert len(results.load_runs(store["uri"], EXPERIMENT, stage="auto")) == len(cv)
+    every = results.load_runs(store["uri"], EXPERIMENT, stage=None)  # group/sweep parents left out
     assert len(every) == len(cv) + len(runs) and every["fold"].notna().all()
     assert set(every["stage"]) == {"cv", "search"}
 
@@ -281,7 +281,7 @@ def test_make_tables_without_parent_or_runs(store, tmp_path):
     with pytest.raises(LookupError, match="no trial runs"):
         tables.make_tables(store["uri"], EXPERIMENT, sweep="absent", export_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="no MLflow store"):
-        tables.load_runs(default_tracking_uri(tmp_path / "empty"))
+        results.load_runs(default_tracking_uri(tmp_path / "empty"))
     with pytest.raises(ValueError, match="unknown format"):
         tables.parse_formats("md,docx")
     assert tables.parse_formats("all") == tables.FORMATS
@@ -323,7 +323,7 @@ def test_selection_prefers_best_val_uar_over_last_val_uar():
             rows.append({"dataset": "demo", "arch": "stl", "config_hash": config, "fold": fold,
                          "status": "FINISHED", "best_val_uar": best_val, "val_uar": last_val,
                          "test_uar": test, "test_war": test, "test_accuracy": test})
-    row = tables.aggregate(pd.DataFrame(rows), n_folds=2).iloc[0]
+    row = results.aggregate(pd.DataFrame(rows), n_folds=2).iloc[0]
     assert (row["config_hash"], row["n_configs"], row["uar_mean"]) == ("a", 2, 50.0)
 
 
