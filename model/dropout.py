@@ -12,6 +12,8 @@ elements are scaled by ``1 / (1 - p)`` of that rounded ``p``, so the expectation
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,9 +38,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Ge
         device: Where the mask lives.
     """
     threshold, p_used = drop_threshold(p)
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(1 << 63), None, generator=generator)  # all 64 bits uniform (random_() leaves the sign bit 0)
     bits = words.view(torch.int16)[:numel].view(shape)

@@ -83,6 +83,7 @@ def experiment_ids(client, experiment: str | Sequence[str] | None) -> dict[str, 
 
 
 def stage_filter(stage: str | None, sweep: str | None) -> str:
+    """An MLflow filter string on the ``stage`` and ``sweep`` tags (None: any); quotes are refused."""
     clauses = []
     for tag, value in ((TAG_STAGE, stage), (TAG_SWEEP, sweep)):
         if value is None:
@@ -94,6 +95,7 @@ def stage_filter(stage: str | None, sweep: str | None) -> str:
 
 
 def search_all(client, experiment_ids: list[str], filter_string: str) -> list:
+    """Every run of ``experiment_ids`` matching ``filter_string``, all result pages."""
     runs, token = [], None
     while True:
         page = client.search_runs(
@@ -129,6 +131,7 @@ def _run_row(run, experiment_name: str) -> dict:
 
 
 def open_store(tracking_uri: str):
+    """An MLflow client for ``tracking_uri``; a SQLite store that does not exist is an error, not created."""
     db = sqlite_path(tracking_uri)
     if db is not None and not db.exists():
         raise FileNotFoundError(
@@ -292,11 +295,13 @@ def _selection_key(summary: dict) -> tuple[int, float]:
 
 
 def dataset_rank(dataset: str) -> tuple[int, str]:
+    """Sort key: the paper's dataset order, unknown datasets after it by name."""
     order = list(paper.DATASETS)
     return (order.index(dataset), dataset) if dataset in order else (len(order), dataset)
 
 
 def arch_rank(arch: str) -> tuple[int, str]:
+    """Sort key: the paper's architecture order (Table 1), unknown ones after it by name."""
     order = paper.ARCH_ORDER
     return (order.index(arch), arch) if arch in order else (len(order), arch)
 
