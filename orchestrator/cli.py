@@ -137,7 +137,7 @@ examples:
   mtcae train --cache cache/ravdess --arch shared_vit --fold 2 --set lr=3e-4 --set decoder=official
 
 on a CPU: trials keep freed memory for reuse (--set cpu_heap=default turns it off); on a CPU with
-AVX512-BF16 or AMX, --set precision=bf16 trains about 1.4x faster than float32 (query-chunked bf16
+AVX512-BF16 or AMX, --set precision=bf16 trains about 1.9x faster than float32 (query-chunked bf16
 attention; the default stays float32 on CPU). See README "Training on a CPU".
 """
 

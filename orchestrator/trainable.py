@@ -48,8 +48,7 @@ from model.architectures import ARCHITECTURES
 from model.decoder import decoder_config
 from orchestrator import features as feat
 from orchestrator.cpu_heap import retained_heap
-from orchestrator.trial_data import (  # noqa: F401  (Targets, trial_data_from_splits: re-exported)
-    Targets,
+from orchestrator.trial_data import (
     TokenSource,
     TrialData,
     VideoSource,
@@ -57,7 +56,6 @@ from orchestrator.trial_data import (  # noqa: F401  (Targets, trial_data_from_s
     epoch_batches,
     eval_batches,
     load_trial_data,
-    trial_data_from_splits,
 )
 from orchestrator.tracking import TrialLogger, config_hash, recall_metric_name
 
