@@ -54,6 +54,7 @@ import copy
 import logging
 import math
 import resource
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -109,7 +110,8 @@ NOTES = (
     "the system. Rows named default_heap run the system (and, when measured, the baseline) on "
     "glibc's default, both_retained_heap both sides retained: they separate the two effects.",
     "bf16 rows: the system under CPU autocast (TrialConfig.precision='bf16'), the baseline in "
-    "float32 as always, reported against the bf16 matmul peak. Without AMX PyTorch's CPU flash "
+    "float32 as always (a bf16 row after the float32 row of the same shape reuses that row's "
+    "baseline measurement instead of repeating it), reported against the bf16 matmul peak. Without AMX PyTorch's CPU flash "
     "kernel gains ~1.1x from bf16 while oneDNN's bf16 matmuls gain ~2.3x, so on CPU the decoders "
     "run bf16 attention in query blocks of large batched matmuls (model.attention.ChunkedAttention: "
     "no N x N matrix, one fused softmax pass each way with float32 inside, float32 gradient "
@@ -145,6 +147,12 @@ class StepSetting:
         img_size: Frame size S.
         num_classes: Expression classes K.
         rounds: Timed steps per side (alternated; each also measures peak memory).
+        bracket: One more system step after the last round, so that every baseline step sits
+            between two system steps (S B S B S ...). The speed-up then divides each baseline step
+            by the mean of the system steps either side of it, which cancels a linear drift in the
+            machine's speed (a shared VM's drifts by ~10% over a minute), and reports the median
+            over rounds; without it, the fastest baseline step over the fastest system step. The
+            fraction of peak uses the fastest system step either way.
         warmup: One untimed step per side first (optimizer state, library start-up, and the
             retained heap filled); without it, on CPU a retained heap is pre-faulted to twice the
             estimated need instead: seconds instead of a step, removing most (not all) of the
@@ -170,6 +178,7 @@ class StepSetting:
     img_size: int = 224
     num_classes: int = 7
     rounds: int = 2
+    bracket: bool = False
     warmup: bool = True
     retain_heap: bool | None = None
     sides: tuple[str, ...] = ("system", "baseline")
@@ -180,6 +189,13 @@ class StepSetting:
         name = self.decoder if isinstance(self.decoder, str) else "custom"
         label = f"{name}/b{self.batch_size}/{self.precision}/attn_drop{self.decoder_cfg().attn_drop:g}"
         return label + {None: "", True: "/both_retained_heap", False: "/default_heap"}[self.retain_heap]
+
+    def baseline_key(self) -> tuple[Any, ...]:
+        """What the baseline's measurement depends on: everything but the system's precision and
+        how many steps are timed. A bf16 row shares the float32 row's baseline (the baseline runs
+        float32 either way) instead of paying another minute for the same numbers."""
+        return (self.decoder, self.batch_size, self.attn_drop, self.encoder_dim, self.num_frames, self.img_size,
+                self.num_classes, self.warmup, self.retain_heap)
 
     def side_retains_heap(self, side: str) -> bool:
         """Whether ``side`` (``system`` | ``baseline``) runs on a retained heap (see ``retain_heap``)."""
@@ -431,26 +447,46 @@ class Side:
             self.peak_memory_bytes = max(self.peak_memory_bytes or 0, mem.peak_bytes)
 
 
-def time_steps(sides: dict[str, Side], device: torch.device, rounds: int, warmup: bool) -> None:
-    """Warm-up steps if asked, then alternated timed steps; glibc's default heap, released, after."""
+def time_steps(sides: dict[str, Side], device: torch.device, rounds: int, warmup: bool,
+               between_rounds: Any = None, bracket: str | None = None) -> None:
+    """Warm-up steps if asked, then alternated timed steps; glibc's default heap, released, after.
+
+    Args:
+        between_rounds: Called (untimed) after every round but the last: the matmul-peak probe, so
+            that the peak is sampled across the steps' time span, not only at its ends.
+        bracket: The side that takes one more step after the last round (``StepSetting.bracket``).
+    """
     try:
         if warmup:
             for side in sides.values():
                 side.step(device, record=False)
-        for _ in range(rounds):
+        for i in range(rounds):
             for side in sides.values():
                 side.step(device)
+            if between_rounds is not None and i < rounds - 1:
+                between_rounds()
+        if bracket is not None:
+            sides[bracket].step(device)
     finally:
         if device.type == "cpu":
             heap_retention(False)
             release_heap()
 
 
-def run_setting(setting: StepSetting, device: torch.device, peak_size: int | None = None) -> list[Result]:
+def run_setting(setting: StepSetting, device: torch.device, peak_size: int | None = None,
+                shared_baseline: dict[str, Any] | None = None) -> list[Result]:
     """Measure one setting: speed ratio vs the baseline and fraction of the matmul peak.
 
+    Args:
+        setting: What to measure.
+        device: Where.
+        peak_size: Matmul size of the peak probe (tests pass a small one).
+        shared_baseline: The baseline's numbers from a setting with the same
+            :meth:`StepSetting.baseline_key` measured earlier in this run; the baseline is then
+            not run again.
+
     Returns:
-        ``decoder_step/<label>`` (speed-up; only when the baseline is measured) and
+        ``decoder_step/<label>`` (speed-up; only when the baseline is measured or shared) and
         ``decoder_step/<label>/fraction_of_peak``.
 
     Raises:
@@ -463,11 +499,13 @@ def run_setting(setting: StepSetting, device: torch.device, peak_size: int | Non
                           f"{free / 2**30:.1f} GiB available; run it on a bigger machine")
     system, baseline, model, num_tokens = build_runners(setting, device)
     peak_dtype = torch.bfloat16 if setting.precision == "bf16" else torch.float32
-    peak = matmul_peak_flops(device, peak_dtype, peak_size)
+    peaks = [matmul_peak_flops(device, peak_dtype, peak_size)]
     if device.type == "cpu":
         glibc_default_heap()  # a known starting point, whatever ran before in this process
     runners = {"system": system, "baseline": baseline}
-    sides = {name: Side(runners[name], setting.side_retains_heap(name)) for name in setting.sides}
+    measured = [name for name in ("system", "baseline")  # alternated in this order
+                if name in setting.sides and not (name == "baseline" and shared_baseline is not None)]
+    sides = {name: Side(runners[name], setting.side_retains_heap(name)) for name in measured}
     mixed = len({side.retain_heap for side in sides.values()}) > 1
     for name, side in sides.items():
         if device.type == "cpu" and side.retain_heap and (mixed or not setting.warmup):
@@ -475,29 +513,49 @@ def run_setting(setting: StepSetting, device: torch.device, peak_size: int | Non
             # Twice the estimated live peak: the heap fragments (posix_memalign cannot reuse a freed
             # block for a request of the same size), bounded by what the machine has free.
             side.prefault_bytes = int(min(2 * heap_need, 0.6 * free)) if free is not None else 2 * heap_need
-    time_steps(sides, device, setting.rounds, setting.warmup)
-    peak = max(peak, matmul_peak_flops(device, peak_dtype, peak_size))
+    bracket = setting.bracket and len(sides) == 2
+    time_steps(sides, device, setting.rounds, setting.warmup,
+               between_rounds=lambda: peaks.append(matmul_peak_flops(device, peak_dtype, peak_size)),
+               bracket="system" if bracket else None)
+    peaks.append(matmul_peak_flops(device, peak_dtype, peak_size))
+    peak = max(peaks)  # the best probe before, between and after the steps: conditions they ran under
     flops = step_flops(model, num_tokens, setting.batch_size)
     raw = {name: _side_numbers(side, setting.batch_size, flops) for name, side in sides.items()}
+    if "baseline" in sides:  # what caps the speed-up: the baseline's own share of the float32 peak
+        fp32_peak = peak if setting.precision == "fp32" else matmul_peak_flops(device, torch.float32, peak_size)
+        raw["baseline"]["fraction_of_fp32_peak"] = raw["baseline"]["flop_per_s"] / fp32_peak
+    elif shared_baseline is not None and "baseline" in setting.sides:
+        raw["baseline"] = {**shared_baseline, "shared": "measured with the float32 row of the same shape"}
     cfg = setting.decoder_cfg()
     described = {**asdict(replace(setting, decoder=setting.label.split("/")[0])), "num_tokens": num_tokens,
                  "attn_drop_effective": cfg.attn_drop, "device": str(device)}
     name = f"decoder_step/{setting.label}"
     achieved = raw["system"]["flop_per_s"]
+    summary = f"{achieved / 1e9:.1f} of {peak / 1e9:.1f} {setting.precision} GFLOP/s"
+    if "baseline" in raw:
+        summary += f"; eager baseline at {raw['baseline']['fraction_of_fp32_peak']:.2f} of the fp32 peak"
     results = [make_result(
-        f"{name}/fraction_of_peak", achieved / peak, TARGET_FRACTION_OF_PEAK,
-        summary=f"{achieved / 1e9:.1f} of {peak / 1e9:.1f} {setting.precision} GFLOP/s",
-        achieved_flop_per_s=achieved, matmul_peak_flop_per_s=peak, setting=described,
-        **({} if "baseline" in sides else {"system": raw["system"], "step_flops": flops}))]
-    if "baseline" in sides:
-        cpu_ratio = min(sides["baseline"].cpu_per_thread_s) / min(sides["system"].cpu_per_thread_s)
+        f"{name}/fraction_of_peak", achieved / peak, TARGET_FRACTION_OF_PEAK, summary=summary,
+        achieved_flop_per_s=achieved, matmul_peak_flop_per_s=peak, matmul_peak_samples=len(peaks),
+        setting=described, **({} if "baseline" in raw else {"system": raw["system"], "step_flops": flops}))]
+    if "baseline" in raw:
+        cpu_ratio = min(raw["baseline"]["cpu_per_thread_s"]) / min(raw["system"]["cpu_per_thread_s"])
+        speedup, method = _speedup(raw["system"]["samples_s"], raw["baseline"]["samples_s"], bracket)
         results.insert(0, make_result(
-            name, raw["baseline"]["best_s"] / raw["system"]["best_s"],
-            TARGET_SPEEDUP.get(device.type, TARGET_SPEEDUP["cpu"]),
-            summary=_speed_summary(raw, cpu_ratio), setting=described,
+            name, speedup, TARGET_SPEEDUP.get(device.type, TARGET_SPEEDUP["cpu"]),
+            summary=_speed_summary(raw, cpu_ratio), setting=described, speedup_method=method,
             attention_path=attention_path(cfg, device, setting.precision), step_flops=flops, **raw,
             cpu_time_ratio=cpu_ratio, attention_matrix_bytes_per_layer=attention_matrix_bytes(setting, num_tokens)))
     return results
+
+
+def _speedup(system_s: list[float], baseline_s: list[float], bracket: bool) -> tuple[float, str]:
+    """The speed-up and how it was computed (see ``StepSetting.bracket``)."""
+    if not bracket:
+        return min(baseline_s) / min(system_s), "fastest baseline step / fastest system step"
+    ratios = [b / ((system_s[i] + system_s[i + 1]) / 2) for i, b in enumerate(baseline_s)]
+    return (statistics.median(ratios),
+            "median over rounds of each baseline step / the mean of the system steps either side of it")
 
 
 def _speed_summary(raw: dict[str, dict[str, Any]], cpu_ratio: float) -> str:
@@ -534,9 +592,12 @@ def quick_settings() -> list[StepSetting]:
     """What ``--quick`` measures on a 2-core CPU in a few minutes.
 
     The targets' shape (official preset, batch 16, 1568 tokens) with fused attention
-    (``attn_drop=0``), one timed step per side, each side under the heap policy it runs with for
-    real (the system as the trainable: retained; the baseline: glibc's default), in float32 and
-    with bf16 autocast (``precision="bf16"``: query-chunked bf16 attention, ``model.attention``);
+    (``attn_drop=0``), each side under the heap policy it runs with for real (the system as the
+    trainable: retained; the baseline: glibc's default), in float32 as S B S (``bracket``: the
+    machine's speed drifts by ~10% over a minute on a shared VM, where one 31-36 s step measured
+    0.89 of the peak and the next 0.76, so one sample decides too much) and with bf16 autocast
+    (``precision="bf16"``: query-chunked bf16 attention, ``model.attention``; one step, against
+    the float32 row's baseline, see :meth:`StepSetting.baseline_key`);
     the preset as trained (attention dropout 0.3: chunked attention on CPU) at batch 4 (1.9x at
     batch 8 in a separate run; at batch 16 its eager baseline, which keeps probabilities and
     masks, needs ~17 GiB); the paper preset in
@@ -551,7 +612,7 @@ def quick_settings() -> list[StepSetting]:
     of seconds to a minute.
     """
     return [
-        StepSetting("official", batch_size=16, attn_drop=0.0, rounds=1, warmup=False),
+        StepSetting("official", batch_size=16, attn_drop=0.0, rounds=1, bracket=True, warmup=False),
         StepSetting("official", batch_size=16, attn_drop=0.0, rounds=1, warmup=False, precision="bf16"),
         StepSetting("official", batch_size=4, rounds=1, warmup=False),
         StepSetting("paper", batch_size=2, attn_drop=0.0, rounds=1, warmup=False),
@@ -584,10 +645,14 @@ def run(quick: bool, device: torch.device | None = None, settings: list[StepSett
     device = device or default_device()
     settings = settings if settings is not None else (quick_settings() if quick else full_settings(device))
     results: list[Result] = []
+    baselines: dict[tuple[Any, ...], dict[str, Any]] = {}
     for setting in settings:
         log.info("decoder step %s", setting.label)
         try:
-            results += run_setting(setting, device, peak_size)
+            rows = run_setting(setting, device, peak_size, shared_baseline=baselines.get(setting.baseline_key()))
+            if "baseline" in rows[0] and "shared" not in rows[0]["baseline"]:
+                baselines[setting.baseline_key()] = rows[0]["baseline"]
+            results += rows
         except (MemoryError, RuntimeError) as exc:  # one setting too big for this machine
             log.error("decoder step %s failed: %s", setting.label, exc)
             results.append(error_result(f"decoder_step/{setting.label}", exc))

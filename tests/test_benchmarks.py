@@ -8,6 +8,7 @@ import math
 import sys
 import time
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -92,6 +93,54 @@ def test_system_only_setting_reports_its_fraction_of_peak() -> None:
     assert_well_formed(result)
     assert result["name"].endswith("/default_heap/fraction_of_peak") and not result["system"]["retained_heap"]
     assert result["ratio"] == pytest.approx(result["achieved_flop_per_s"] / result["matmul_peak_flop_per_s"])
+
+
+def test_a_bf16_row_shares_the_float32_rows_baseline(monkeypatch: pytest.MonkeyPatch) -> None:
+    baseline_steps = []
+    real_step = ds.Side.step
+
+    def counting_step(self: ds.Side, device: torch.device, record: bool = True) -> None:
+        if not self.retain_heap:  # the baseline side (glibc's default heap)
+            baseline_steps.append(record)
+        real_step(self, device, record)
+
+    monkeypatch.setattr(ds.Side, "step", counting_step)
+    fp32 = toy_step(attn_drop=0.0, rounds=2, warmup=False)
+    settings = [fp32, replace(fp32, precision="bf16", rounds=1), replace(fp32, attn_drop=0.3, rounds=1)]
+    results = ds.run(quick=False, device=CPU, settings=settings, peak_size=PEAK_SIZE)
+    speed32, frac32, speed16, frac16, other, _ = results
+    # 2 rounds of the fp32 row, none for the bf16 row, 1 for the row with another baseline key.
+    assert baseline_steps == [True, True, True]
+    assert frac32["matmul_peak_samples"] == 3 and frac16["matmul_peak_samples"] == 2  # before, between, after
+    assert "shared" not in speed32["baseline"] and "shared" in speed16["baseline"]
+    assert speed16["baseline"]["best_s"] == speed32["baseline"]["best_s"]
+    assert speed16["ratio"] == pytest.approx(speed32["baseline"]["best_s"] / speed16["system"]["best_s"])
+    assert "shared" not in other["baseline"]
+    for r in results:
+        assert_well_formed(r)
+    for row in (frac32, frac16):
+        assert "eager baseline at" in row["summary"]
+    fraction = speed32["baseline"]["fraction_of_fp32_peak"]
+    assert fraction == pytest.approx(speed32["baseline"]["flop_per_s"] / frac32["matmul_peak_flop_per_s"])
+
+
+def test_a_bracketed_setting_divides_each_baseline_step_by_the_system_steps_around_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    order = []
+    real_step = ds.Side.step
+
+    def logging_step(self: ds.Side, device: torch.device, record: bool = True) -> None:
+        order.append("S" if self.retain_heap else "B")
+        real_step(self, device, record)
+
+    monkeypatch.setattr(ds.Side, "step", logging_step)
+    setting = toy_step(attn_drop=0.0, rounds=2, bracket=True, warmup=False, sides=("baseline", "system"))
+    speed, fraction = ds.run(quick=False, device=CPU, settings=[setting], peak_size=PEAK_SIZE)
+    assert "".join(order) == "SBSBS"
+    s, b = speed["system"]["samples_s"], speed["baseline"]["samples_s"]
+    ratios = [b[0] / ((s[0] + s[1]) / 2), b[1] / ((s[1] + s[2]) / 2)]
+    assert speed["ratio"] == pytest.approx(sum(ratios) / 2) and "mean of the system steps" in speed["speedup_method"]
+    assert fraction["achieved_flop_per_s"] == pytest.approx(speed["step_flops"] / min(s))
 
 
 def test_quick_settings_measure_the_targets_shape_as_the_system_runs() -> None:
