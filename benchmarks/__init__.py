@@ -38,10 +38,13 @@ DEFAULT_OUT = Path(__file__).resolve().parent
 NOTES = (
     "Every ratio compares this system with a baseline measured in the same process, alternating the "
     "two (A, B, A, B) and using each side's fastest run, so load from other processes on a shared "
-    "machine disturbs both sides alike.",
+    "machine disturbs both sides alike. Decoder-step rows name their speedup_method: bracketed "
+    "ones run S B S (S B S B S ...) and divide each baseline step by the mean of the system steps "
+    "either side of it; a bf16 row after the float32 row of the same shape reuses its baseline "
+    "(marked shared).",
     "Fractions of peak divide achieved FLOP/s (analytic FLOP counts in the benchmark code) by the "
-    "dense matmul FLOP/s of the same dtype measured right before and right after that benchmark "
-    "(the better of the two; every sample is listed under the machine).",
+    "dense matmul FLOP/s of the same dtype measured right before, between the rounds of, and right "
+    "after that benchmark (the best of those; every sample is listed under the machine).",
     "CPU peak memory is the most malloc'd bytes in use during the step (glibc mallinfo2, sampled "
     "every 50 ms) minus the bytes in use when it started; CUDA peak memory is max_memory_allocated.",
 )

@@ -621,15 +621,15 @@ def quick_settings() -> list[StepSetting]:
 
 
 def full_settings(device: torch.device) -> list[StepSetting]:
-    """Both presets at batch 16, fused (``attn_drop=0``) and as trained; bf16 on CUDA (its target);
-    on CPU both precisions, and the official preset with both sides on a retained heap and on
-    glibc's default."""
+    """Both presets at batch 16, fused (``attn_drop=0``) and as trained, two bracketed rounds
+    (S B S B S); bf16 on CUDA (its target); on CPU both precisions (bf16 against the float32 rows'
+    baselines), and the official preset with both sides on a retained heap and on glibc's default."""
     precisions: tuple[Precision, ...] = ("bf16",) if device.type == "cuda" else ("fp32", "bf16")
-    settings = [StepSetting(preset, batch_size=16, attn_drop=drop, precision=precision)
+    settings = [StepSetting(preset, batch_size=16, attn_drop=drop, precision=precision, bracket=True)
                 for precision in precisions for preset in ("official", "paper") for drop in (0.0, None)]
     if device.type == "cpu":
-        settings += [StepSetting("official", batch_size=16, attn_drop=0.0, retain_heap=True),
-                     StepSetting("official", batch_size=16, attn_drop=0.0, retain_heap=False)]
+        settings += [StepSetting("official", batch_size=16, attn_drop=0.0, retain_heap=True, bracket=True),
+                     StepSetting("official", batch_size=16, attn_drop=0.0, retain_heap=False, bracket=True)]
     return settings
 
 
