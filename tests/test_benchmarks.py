@@ -143,6 +143,24 @@ def test_a_bracketed_setting_divides_each_baseline_step_by_the_system_steps_arou
     assert fraction["achieved_flop_per_s"] == pytest.approx(speed["step_flops"] / min(s))
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_full_settings_measure_both_presets_at_batch_16_and_share_float32_baselines(device: str) -> None:
+    settings = ds.full_settings(torch.device(device))
+    assert {(s.decoder, s.batch_size) for s in settings} == {("official", 16), ("paper", 16)}
+    assert {s.decoder_cfg().attn_drop for s in settings} == {0.0, 0.3}  # fused and as trained
+    assert all(s.bracket and s.rounds >= 2 for s in settings)
+    if device == "cuda":  # the CUDA target is bf16 against the eager float32 baseline
+        assert {s.precision for s in settings} == {"bf16"} and all(s.retain_heap is None for s in settings)
+        return
+    seen: set = set()
+    for s in settings:  # every bf16 row comes after a float32 row whose baseline it can reuse
+        if s.precision == "fp32":
+            seen.add(s.baseline_key())
+        else:
+            assert s.baseline_key() in seen, s.label
+    assert {s.retain_heap for s in settings} == {None, True, False}
+
+
 def test_quick_settings_measure_the_targets_shape_as_the_system_runs() -> None:
     first = ds.quick_settings()[0]
     assert (first.decoder, first.batch_size, first.decoder_cfg().attn_drop) == ("official", 16, 0.0)
