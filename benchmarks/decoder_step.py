@@ -56,6 +56,7 @@ import math
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -190,12 +191,11 @@ class StepSetting:
         label = f"{name}/b{self.batch_size}/{self.precision}/attn_drop{self.decoder_cfg().attn_drop:g}"
         return label + {None: "", True: "/both_retained_heap", False: "/default_heap"}[self.retain_heap]
 
-    def baseline_key(self) -> tuple[Any, ...]:
-        """What the baseline's measurement depends on: everything but the system's precision and
-        how many steps are timed. A bf16 row shares the float32 row's baseline (the baseline runs
-        float32 either way) instead of paying another minute for the same numbers."""
-        return (self.decoder, self.batch_size, self.attn_drop, self.encoder_dim, self.num_frames, self.img_size,
-                self.num_classes, self.warmup, self.retain_heap)
+    def baseline_key(self) -> StepSetting:
+        """What the baseline's measurement depends on: this setting but for the system's precision
+        and how many steps are timed. A bf16 row shares the float32 row's baseline (the baseline
+        runs float32 either way) instead of paying another minute for the same numbers."""
+        return replace(self, precision="fp32", rounds=1, bracket=False)
 
     def side_retains_heap(self, side: str) -> bool:
         """Whether ``side`` (``system`` | ``baseline``) runs on a retained heap (see ``retain_heap``)."""
@@ -448,7 +448,7 @@ class Side:
 
 
 def time_steps(sides: dict[str, Side], device: torch.device, rounds: int, warmup: bool,
-               between_rounds: Any = None, bracket: str | None = None) -> None:
+               between_rounds: Callable[[], object] | None = None, bracket: str | None = None) -> None:
     """Warm-up steps if asked, then alternated timed steps; glibc's default heap, released, after.
 
     Args:
@@ -645,7 +645,7 @@ def run(quick: bool, device: torch.device | None = None, settings: list[StepSett
     device = device or default_device()
     settings = settings if settings is not None else (quick_settings() if quick else full_settings(device))
     results: list[Result] = []
-    baselines: dict[tuple[Any, ...], dict[str, Any]] = {}
+    baselines: dict[StepSetting, dict[str, Any]] = {}
     for setting in settings:
         log.info("decoder step %s", setting.label)
         try:
