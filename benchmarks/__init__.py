@@ -21,6 +21,7 @@ from typing import Any
 
 from benchmarks.common import (
     Result,
+    add_run_best_fractions,
     default_device,
     error_result,
     machine_info,
@@ -44,7 +45,9 @@ NOTES = (
     "(marked shared).",
     "Fractions of peak divide achieved FLOP/s (analytic FLOP counts in the benchmark code) by the "
     "dense matmul FLOP/s of the same dtype measured right before, between the rounds of, and right "
-    "after that benchmark (the best of those; every sample is listed under the machine).",
+    "after that benchmark (the best of those; every sample is listed under the machine), and, as "
+    "fraction_of_run_best_peak, by the best probe of the whole run: stricter, and steadier where "
+    "the machine's speed drifts.",
     "CPU peak memory is the most malloc'd bytes in use during the step (glibc mallinfo2, sampled "
     "every 50 ms) minus the bytes in use when it started; CUDA peak memory is max_memory_allocated.",
 )
@@ -120,6 +123,7 @@ def run_all(quick: bool = False, only: Sequence[str] | None = None, out_dir: Pat
         report["benchmarks"][name] = status
     report["duration_s"] = time.perf_counter() - t0
     report["matmul_peak"] = recorded_peaks()
+    add_run_best_fractions(report["results"], report["matmul_peak"])
     report["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if out_dir is not None:
         for path in write_report(report, Path(out_dir)):

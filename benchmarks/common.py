@@ -182,6 +182,32 @@ def recorded_peaks() -> list[dict[str, Any]]:
             for (dev, dtype), samples in sorted(_PEAKS.items())]
 
 
+def add_run_best_fractions(results: list[Result], peaks: list[dict[str, Any]]) -> None:
+    """Give every result that has a fraction of peak the same figure against the best probe of the
+    whole run as well (``fraction_of_run_best_peak``, and in its summary).
+
+    A result's own fraction divides by the probes taken right around it, the conditions it ran
+    under; on a machine whose speed drifts (a shared VM's by 10-20% within a run) that figure moves
+    with the probes' luck. The run's best probe is the machine's capability: a stricter, steadier
+    denominator. Results say what they need with ``peak_dtype`` (``float32`` | ``bfloat16``),
+    ``achieved_flop_per_s`` and ``setting.device``.
+
+    Args:
+        results: Results, changed in place.
+        peaks: :func:`recorded_peaks` of the run.
+    """
+    best = {(p["device"], p["dtype"]): p["flop_per_s"] for p in peaks}
+    for result in results:
+        dtype, achieved = result.get("peak_dtype"), result.get("achieved_flop_per_s")
+        device = str((result.get("setting") or {}).get("device", "")).split(":")[0]
+        top = best.get((device, dtype))
+        if achieved is None or not top:
+            continue
+        result["fraction_of_run_best_peak"] = achieved / top
+        note = f"{achieved / top:.2f} of the run's best {dtype} probe"
+        result["summary"] = f"{result['summary']}; {note}" if result.get("summary") else note
+
+
 # --------------------------------------------------------------------------------------------------
 # Peak memory and the CPU heap
 

@@ -129,7 +129,9 @@ def run_setting(setting: EncoderSetting, device: torch.device, peak_size: int | 
                 f"{fraction:.0%} of matmul peak",
         setting={**asdict(replace(setting, encoder=setting.label.split("/")[0])), "num_tokens": cfg.num_tokens,
                  "device": str(device)},
-        forward_flops=flops, fraction_of_peak=fraction, matmul_peak_flop_per_s=peak, **sides,
+        forward_flops=flops, fraction_of_peak=fraction, matmul_peak_flop_per_s=peak,
+        achieved_flop_per_s=sides["system"]["flop_per_s"], peak_dtype=str(peak_dtype).removeprefix("torch."),
+        **sides,
     )]
 
 

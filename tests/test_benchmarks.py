@@ -116,6 +116,7 @@ def test_a_bf16_row_shares_the_float32_rows_baseline(monkeypatch: pytest.MonkeyP
     assert speed16["baseline"]["best_s"] == speed32["baseline"]["best_s"]
     assert speed16["ratio"] == pytest.approx(speed32["baseline"]["best_s"] / speed16["system"]["best_s"])
     assert "shared" not in other["baseline"]
+    assert (frac32["peak_dtype"], frac16["peak_dtype"]) == ("float32", "bfloat16")
     for r in results:
         assert_well_formed(r)
     for row in (frac32, frac16):
@@ -218,6 +219,9 @@ def test_encoder_runs_and_matches_its_baseline() -> None:
     assert_well_formed(result)
     assert result["name"].startswith("encoder/") and 0 < result["fraction_of_peak"]
     assert finite_numbers(result)
+    common.add_run_best_fractions([result], common.recorded_peaks())  # what run_all does at the end
+    best = max(p["flop_per_s"] for p in common.recorded_peaks() if p["dtype"] == "float32")
+    assert result["fraction_of_run_best_peak"] == pytest.approx(result["achieved_flop_per_s"] / best)
     enc = VideoMAEEncoder(toy_encoder()).freeze()
     video = torch.randn(1, 3, 4, 32, 32)
     with torch.no_grad():
@@ -290,6 +294,25 @@ def test_run_all_records_errors_and_goes_on(fake_suite: list[bool], tmp_path) ->
     md = (tmp_path / "report.md").read_text()
     assert "| fake/ok | 3 | 2 | yes |" in md and "RuntimeError: boom" in md
     assert on_disk["machine"]["torch_threads"] >= 1 and on_disk["machine"]["versions"]["torch"]
+
+
+def test_fractions_are_also_given_against_the_best_probe_of_the_run() -> None:
+    peaks = [{"device": "cpu", "dtype": "float32", "flop_per_s": 200e9, "min_flop_per_s": 150e9, "samples": 3},
+             {"device": "cpu", "dtype": "bfloat16", "flop_per_s": 400e9, "min_flop_per_s": 380e9, "samples": 2}]
+    rows = [
+        {"name": "a", "summary": "150.0 of 160.0 float32 GFLOP/s", "achieved_flop_per_s": 150e9,
+         "peak_dtype": "float32", "setting": {"device": "cpu"}},
+        {"name": "b", "achieved_flop_per_s": 100e9, "peak_dtype": "bfloat16", "setting": {"device": "cpu"}},
+        {"name": "c", "achieved_flop_per_s": 100e9, "peak_dtype": "bfloat16", "setting": {"device": "cuda:0"}},
+        {"name": "d", "ratio": 2.0},
+    ]
+    common.add_run_best_fractions(rows, peaks)
+    a, b, c, d = rows
+    assert a["fraction_of_run_best_peak"] == pytest.approx(0.75)
+    assert a["summary"] == "150.0 of 160.0 float32 GFLOP/s; 0.75 of the run's best float32 probe"
+    assert b["fraction_of_run_best_peak"] == pytest.approx(0.25) and b["summary"].startswith("0.25 of")
+    assert "fraction_of_run_best_peak" not in c and "summary" not in c  # no cuda probe in this run
+    assert d == {"name": "d", "ratio": 2.0}
 
 
 def test_run_all_rejects_unknown_names(fake_suite: list[bool]) -> None:
