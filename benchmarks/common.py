@@ -134,6 +134,11 @@ def summarize_times(times: list[float]) -> dict[str, Any]:
 # Dense matmul peak
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: how peaks and results name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def matmul_peak(
     device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5
 ) -> dict[str, Any]:
@@ -149,7 +154,7 @@ def matmul_peak(
     times = [time_call(lambda: torch.mm(a, b), device) for _ in range(repeats)]
     best = min(times)
     flops = 2 * size**3
-    return {"dtype": str(dtype).removeprefix("torch."), "size": size, "flop_per_s": flops / best,
+    return {"dtype": dtype_name(dtype), "size": size, "flop_per_s": flops / best,
             "best_s": best}
 
 

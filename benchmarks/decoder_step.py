@@ -69,6 +69,7 @@ from benchmarks.common import (
     PeakMemory,
     Result,
     default_device,
+    dtype_name,
     error_result,
     glibc_default_heap,
     heap_retention,
@@ -537,7 +538,7 @@ def run_setting(setting: StepSetting, device: torch.device, peak_size: int | Non
     results = [make_result(
         f"{name}/fraction_of_peak", achieved / peak, TARGET_FRACTION_OF_PEAK, summary=summary,
         achieved_flop_per_s=achieved, matmul_peak_flop_per_s=peak, matmul_peak_samples=len(peaks),
-        peak_dtype=str(peak_dtype).removeprefix("torch."),
+        peak_dtype=dtype_name(peak_dtype),
         setting=described, **({} if "baseline" in raw else {"system": raw["system"], "step_flops": flops}))]
     if "baseline" in raw:
         cpu_ratio = min(raw["baseline"]["cpu_per_thread_s"]) / min(raw["system"]["cpu_per_thread_s"])

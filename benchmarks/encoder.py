@@ -22,6 +22,7 @@ from benchmarks.common import (
     PeakMemory,
     Result,
     default_device,
+    dtype_name,
     make_result,
     matmul_peak_flops,
     summarize_times,
@@ -130,7 +131,7 @@ def run_setting(setting: EncoderSetting, device: torch.device, peak_size: int | 
         setting={**asdict(replace(setting, encoder=setting.label.split("/")[0])), "num_tokens": cfg.num_tokens,
                  "device": str(device)},
         forward_flops=flops, fraction_of_peak=fraction, matmul_peak_flop_per_s=peak,
-        achieved_flop_per_s=sides["system"]["flop_per_s"], peak_dtype=str(peak_dtype).removeprefix("torch."),
+        achieved_flop_per_s=sides["system"]["flop_per_s"], peak_dtype=dtype_name(peak_dtype),
         **sides,
     )]
 
