@@ -7,6 +7,9 @@ numbers (seconds, clips/s, bytes, FLOP/s) so a reader can recompute every ratio.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
 import math
@@ -16,22 +19,12 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from orchestrator.cpu_heap import (  # noqa: F401  (re-exported: the benchmarks' heap vocabulary)
-    glibc_default_heap,
-    heap_bytes_in_use,
-    heap_retention,
-    prefault_heap,
-    release_heap,
-    retained_heap,
-)
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +207,36 @@ def add_run_best_fractions(results: list[Result], peaks: list[dict[str, Any]]) -
 
 
 # --------------------------------------------------------------------------------------------------
-# Peak memory and the CPU heap
+# Peak memory
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it has ``mallinfo2`` (glibc >= 2.33), else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def malloc_bytes_in_use() -> int | None:
+    """Bytes malloc has handed out and not taken back (glibc ``mallinfo2``, all arenas); None elsewhere.
+
+    Unlike RSS this does not depend on whether freed memory went back to the OS, so two steps
+    measured one after the other in one process are compared fairly.
+    """
+    libc = _glibc()
+    if libc is None:
+        return None
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 def _status_kib(field: str) -> int | None:
@@ -230,12 +252,11 @@ class PeakMemory:
     """Peak memory a block of code adds over what was live when it started.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (the caching allocator's view). CPU with glibc: a
-    thread samples :func:`heap_bytes_in_use` every 50 ms (a step's activation peak lasts
+    thread samples :func:`malloc_bytes_in_use` every 50 ms (a step's activation peak lasts
     seconds, so sampling does not miss it; ``mallinfo2`` walks the free lists under the malloc
     lock, ~1.4 ms on a batch-16 step's fragmented heap, so sampling every 5 ms cost a 2-core step
-    ~10% of its speed); it counts every malloc'd byte (tensors, oneDNN/MKL
-    scratch), not pages, so it is the same whether freed memory was kept or returned. Elsewhere:
-    sampled ``VmRSS``.
+    ~10% of its speed); it counts every malloc'd byte (tensors, oneDNN/MKL scratch), not pages,
+    so it does not depend on what earlier code left resident. Elsewhere: sampled ``VmRSS``.
 
     Attributes:
         peak_bytes: Peak over the starting level, set when the block exits; None if unmeasurable.
@@ -249,7 +270,7 @@ class PeakMemory:
         self.method = "none"
         self._start = 0
         self._sampled = 0
-        self._probe = heap_bytes_in_use
+        self._probe = malloc_bytes_in_use
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -259,7 +280,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start, self.method = torch.cuda.memory_allocated(self.device), "cuda_max_memory_allocated"
             return self
-        start = heap_bytes_in_use()
+        start = malloc_bytes_in_use()
         self.method = "malloc_in_use_sampling"
         if start is None:
             rss = _status_kib("VmRSS")
@@ -404,14 +425,3 @@ def _fmt_nested(value: Any) -> str:
         return "[" + ", ".join(_fmt_nested(v) for v in value) + "]"
     return _fmt(value)
 
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set ``torch.set_num_threads`` (None leaves it alone)."""
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)

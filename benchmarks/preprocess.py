@@ -1,15 +1,15 @@
-"""Preprocessing throughput: clips/s of ``orchestrator.preprocess`` against the authors' approach.
+"""Preprocessing throughput: clips/s of ``orchestrator.data.preprocess`` against the authors' approach.
 
-Clips: synthetic demo clips (``orchestrator.demo_data``) encoded like RAVDESS, the paper's main
+Clips: synthetic demo clips (``orchestrator.data.demo``) encoded like RAVDESS, the paper's main
 dataset: H.264, 1280x720, 30 fps, 100 frames (RAVDESS speech clips are 1280x720, ~3.5 s).
 
 Baseline (the authors' ``Preprocessing_Video.py`` plus per-frame MTCNN): decode **every** frame
 with decord, resize **every** frame to 224 x 224, take the 16 official-stride frames, run facenet-pytorch's
 MTCNN as shipped **one frame at a time**, select faces and write the npz exactly as the pipeline does.
 
-System: ``orchestrator.preprocess.process_clips`` (decord ``get_batch`` of the 16 sampled frames
+System: ``orchestrator.data.preprocess.process_clips`` (decord ``get_batch`` of the 16 sampled frames
 only, resize of those 16, one batched MTCNN call over the frames of ``clips_per_task`` clips, the
-networks in channels-last layout: see ``orchestrator.faces.FaceDetector``).
+networks in channels-last layout: see ``orchestrator.data.faces.FaceDetector``).
 
 Two results against the same baseline timings (one process, one torch thread: MTCNN's many
 small ops run fastest single-threaded, so this is the baseline's best setting on a CPU). The
@@ -29,6 +29,8 @@ Target: 4x (issue 3).
 
 from __future__ import annotations
 
+import vocab
+
 import logging
 import os
 import tempfile
@@ -40,13 +42,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import Result, default_device, make_result, summarize_times, time_interleaved
-from orchestrator.datasets import ClipRecord, get_dataset
-from orchestrator.demo_data import actor_style, background, class_motion, clip_name, face_patch
-from orchestrator.faces import FaceDetector, select_faces
-from orchestrator.preprocess import (CLIPS_DIR, PreprocessSettings, balanced_task_size,
-                                     make_clip_ids, process_clips, worker_pool, write_npz)
-from orchestrator.video import resize_frames, sample_indices
+from benchmarks.common import (
+    Result,
+    default_device,
+    make_result,
+    summarize_times,
+    time_interleaved,
+)
+from orchestrator.data.cache import CLIPS_DIR, make_clip_ids, write_npz
+from orchestrator.data.datasets import ClipRecord, get_dataset
+from orchestrator.data.demo import (
+    actor_style,
+    background,
+    class_motion,
+    clip_name,
+    face_patch,
+)
+from orchestrator.data.faces import FaceDetector, select_faces
+from orchestrator.data.preprocess import balanced_task_size, process_clips, worker_pool
+from orchestrator.data.settings import PreprocessSettings
+from orchestrator.data.video import resize_frames, sample_indices
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +108,11 @@ def write_clips(root: Path, num_clips: int) -> list[ClipRecord]:
         style = actor_style(actor)
         frames = _render(style, class_motion(label, FRAMES, rng), rng)
         _encode(root / f"Actor_{actor:02d}" / clip_name(label, i // 7, actor), frames)
-    return get_dataset("ravdess").scan(root)
+    return get_dataset(vocab.RAVDESS).scan(root)
 
 
 def _render(style: Any, motion: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    from orchestrator.demo_data import render_clip
+    from orchestrator.data.demo import render_clip
 
     w, h = WIDTH // 4, HEIGHT // 4
     return render_clip(style, motion, w, h, rng, face_patch(style), background(style, w, h))

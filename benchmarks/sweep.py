@@ -9,7 +9,7 @@
    noise of a shared machine and may come out slightly negative). ``ratio`` = overhead without
    reuse / overhead with reuse: what a sweep of many short CPU trials gains from ``reuse_actors``.
    Target 2.0.
-2. **Smoke sweep wall time**: ``search_spaces/smoke.yaml`` through :func:`orchestrator.sweep.run_sweep`
+2. **Smoke sweep wall time**: ``search_spaces/smoke.yaml`` through :func:`orchestrator.sweep.run.run_sweep`
    on a local Ray instance (2 x 2 folds x 2 configurations of search, 4 final-CV trials). Quick mode
    runs the sweep machinery with a trivial trainable; the full run uses the real trainable on the
    demo data, the way ``mtcae demo`` does (data generation and preprocessing timed separately).
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import vocab
 from benchmarks.common import Result, make_result
 
 log = logging.getLogger(__name__)
@@ -106,21 +107,23 @@ def overhead_result(quick: bool, storage: Path, sizes: tuple[int, int, int] | No
 
 def smoke_result(quick: bool, root: Path) -> Result:
     """The smoke sweep's wall time (quick: sweep machinery only; full: the real demo path)."""
-    from orchestrator.search_space import find_search_space, load_search_space
-    from orchestrator.sweep import build_caches, run_sweep
+    from orchestrator.sweep.caches import build_caches
+    from orchestrator.sweep.run import run_sweep
+    from orchestrator.sweep.space import find_search_space
+    from orchestrator.sweep.space_file import load_search_space
 
     space = load_search_space(find_search_space("smoke"))
     cache = root / "cache"
     raw: dict[str, Any] = {}
-    kwargs: dict[str, Any] = {"out": root, "write_tables": False, "progress_interval_s": 60.0}
+    kwargs: dict[str, Any] = {"out": root, "progress_interval_s": 60.0}
     if quick:
-        (cache / "demo").mkdir(parents=True)
-        (cache / "demo" / "manifest.csv").write_text("clip,clip_id,status\n")
+        (cache / vocab.DEMO).mkdir(parents=True)
+        (cache / vocab.DEMO / "manifest.csv").write_text("clip,clip_id,status\n")
         kwargs["trainable"] = smoke_trial
         raw["trainable"] = "trivial (benchmarks.sweep.smoke_trial)"
     else:
-        raw["trainable"] = "orchestrator.trainable.train_trial"
-        raw["demo_data_s"] = _timed(_demo_data, root / "data" / "demo")
+        raw["trainable"] = "orchestrator.trial.entrypoints.train_trial"
+        raw["demo_data_s"] = _timed(_demo_data, root / "data" / vocab.DEMO)
         raw["preprocess_s"] = _timed(build_caches, space, cache, root / "data")
     wall = _timed(_complete_sweep, run_sweep, space, kwargs)
     budget = QUICK_BUDGET_S if quick else FULL_BUDGET_S
@@ -143,7 +146,7 @@ def _complete_sweep(run_sweep: Any, space: Any, kwargs: dict[str, Any]) -> None:
 
 
 def _demo_data(target: Path) -> None:
-    from orchestrator import demo_data
+    from orchestrator.data import demo as demo_data
 
     demo_data.generate_demo_dataset(target)
 

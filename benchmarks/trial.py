@@ -3,7 +3,7 @@
 Three results:
 
 * ``trial/epoch_feature_cache_speedup/...``: time of one training epoch (train pass + validation
-  pass, exactly :meth:`orchestrator.trainable.Trial.train_epoch` and ``evaluate("val")``) without
+  pass, exactly :meth:`orchestrator.trial.loop.Trial.train_epoch` and ``evaluate("val")``) without
   the cache (end to end: frames read from the preprocessing cache, normalised, frozen encoder
   forward, decoders and heads) over the same epoch with it (cached fp16 tokens). Same weights, same
   batches, measured alternately in one process. Target 1.5 (``vit_small`` + ``official`` decoders).
@@ -28,6 +28,8 @@ next to the analytic FLOP ratio of the same epoch.
 
 from __future__ import annotations
 
+import vocab
+
 import json
 import logging
 import tempfile
@@ -40,11 +42,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import Result, default_device, make_result, summarize_times, time_call
-from model import ARCHITECTURES, MTCAEModel, ModelConfig, build_model
+from benchmarks.common import (
+    Result,
+    default_device,
+    make_result,
+    summarize_times,
+    time_call,
+)
+from model import ARCHITECTURES, ModelConfig, MTCAEModel, build_model
 from model.encoder import encoder_config, encoder_flops
-from orchestrator import trainable as tr
-from orchestrator import trial_data as td
+from orchestrator import features as feat
+from orchestrator.trial import data as td
+from orchestrator.trial import loop as tr
+from orchestrator.trial.config import TrialConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +69,10 @@ NOTES = (
     "224 px: the full-mode setting sits below the 1.5 target by construction); at vit_large it is 5.7.",
 )
 
-PAPER_DATASET_CLIPS = {"ravdess": 1440, "crema-d": 7442, "mead": 6568}  # paper section 4.1
+PAPER_DATASET_CLIPS = {vocab.RAVDESS: 1440, vocab.CREMA_D: 7442, vocab.MEAD: 6568}  # paper section 4.1
 PAPER_FOLDS = 5
 PAPER_EPOCHS = 100
-VAL_FRACTION = 0.15  # orchestrator.folds.DEFAULT_VAL_SUBJECTS: validation share of the training subjects
+VAL_FRACTION = 0.15  # orchestrator.data.folds.DEFAULT_VAL_SUBJECTS: validation share of the training subjects
 
 
 @dataclass(frozen=True)
@@ -84,7 +94,7 @@ class EpochSetting:
 
     encoder: str = "vit_small"
     decoder: str = "official"
-    arch: str = "cascaded_vit"
+    arch: str = vocab.CASCADED_VIT
     img_size: int = 224
     batch_size: int = 16
     train_clips: int = 64
@@ -111,11 +121,12 @@ FULL = EpochSetting()
 
 def write_cache(root: Path, num_clips: int, img_size: int, num_classes: int, seed: int = 0) -> list[str]:
     """Write ``num_clips`` random clips as ``mtcae preprocess`` would; returns their clip ids."""
-    from orchestrator.datasets import get_dataset
-    from orchestrator.preprocess import PreprocessSettings, settings_document, write_manifest, write_npz
+    from orchestrator.data.cache import settings_document, write_manifest, write_npz
+    from orchestrator.data.datasets import get_dataset
+    from orchestrator.data.settings import PreprocessSettings
 
     settings = PreprocessSettings(num_frames=16, size=img_size)
-    document = settings_document(get_dataset("demo"), settings)
+    document = settings_document(get_dataset(vocab.DEMO), settings)
     document["class_names"] = document["class_names"][:num_classes]
     (root / "settings.json").write_text(json.dumps(document, indent=2, sort_keys=True))
     rng = np.random.default_rng(seed)
@@ -141,7 +152,7 @@ def write_cache(root: Path, num_clips: int, img_size: int, num_classes: int, see
 
 def _trial(setting: EpochSetting, cache: Path, data: td.TrialData, feature_cache: str,
            device: torch.device) -> tr.Trial:
-    cfg = tr.TrialConfig.from_flat({
+    cfg = TrialConfig.from_flat({
         "arch": setting.arch, "encoder": setting.encoder, "decoder": setting.decoder, "cache_dir": str(cache),
         "batch_size": setting.batch_size, "feature_cache": feature_cache, "seed": 0, **dict(setting.overrides),
     })
@@ -182,7 +193,7 @@ def measure_epochs(setting: EpochSetting, device: torch.device | None = None) ->
         splits = {"train": ids[: setting.train_clips],
                   "val": ids[setting.train_clips : setting.train_clips + setting.val_clips],
                   "test": ids[-n_test:]}
-        data = td.trial_data_from_splits(cache, splits, "demo")
+        data = td.trial_data_from_splits(cache, splits, vocab.DEMO)
         e2e = _trial(setting, cache, data, "off", device)
         build_s = time_call(lambda: _trial(setting, cache, data, "on", device), device)  # encodes every clip
         cached = _trial(setting, cache, data, "on", device)  # reuses the stored tokens
@@ -250,7 +261,7 @@ def _epoch_results(setting: EpochSetting, device: torch.device, times: Mapping[s
     paired = sorted(p / c for p, c in zip(times[clock]["pure_steps"], times[clock]["cached_train"]))
     analytic = _analytic_epoch(setting)
     common = {"clock": clock, "setting": {**asdict(setting), "num_tokens": cached.model.encoder.cfg.num_tokens,
-                                          "device": str(device), "precision": tr.feat.dtype_name(cached.amp_dtype)},
+                                          "device": str(device), "precision": feat.dtype_name(cached.amp_dtype)},
               "pure_over_cached_paired_median": paired[len(paired) // 2], "feature_build_wall_s": build_s,
               "feature_build_clips": setting.train_clips + setting.val_clips + 1, "times": stats,
               "analytic_flops": analytic}

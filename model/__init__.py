@@ -17,9 +17,9 @@ from model.architectures import (
     ARCHITECTURES,
     TASKS,
     Architecture,
+    ModelConfig,
     MTCAEModel,
     MTCAEOutput,
-    ModelConfig,
     build_model,
 )
 from model.checkpoint import (
@@ -30,7 +30,13 @@ from model.checkpoint import (
     checkpoint_filter_fn,
     load_encoder_checkpoint,
 )
-from model.decoder import DECODER_PRESETS, DecoderConfig, MLPDecoder, ViTDecoder, decoder_config
+from model.decoder import (
+    DECODER_PRESETS,
+    DecoderConfig,
+    MLPDecoder,
+    ViTDecoder,
+    decoder_config,
+)
 from model.encoder import (
     ENCODER_PRESETS,
     NORMALIZATIONS,

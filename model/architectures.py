@@ -9,24 +9,24 @@ cascade of equations 4-6 is then just ``box <- proj, landmark <- box, expr <- la
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
+import vocab
 from model.decoder import (
     DecoderConfig,
-    Dropout,
     MLPDecoder,
     ViTDecoder,
     decoder_config,
     mlp_decoder_flops,
     vit_decoder_flops,
 )
-from model.encoder import NORMALIZATIONS, EncoderConfig, VideoMAEEncoder, encoder_config
+from model.encoder import NORMALIZATIONS
+from model.encoders import AnyEncoderConfig, build_encoder, resolve_encoder_config
 from model.heads import HeadOrder, TaskHead
 
-TASKS = ("box", "landmark", "expr")
+TASKS = vocab.TASKS
 NUM_LANDMARKS = 5  # left eye, right eye, nose, left mouth corner, right mouth corner (MTCNN order)
 
 
@@ -35,41 +35,45 @@ class Architecture:
     """How decoders are wired for one structure strategy.
 
     Attributes:
-        name: Registry name.
-        mtl_type: Table 1's "MTL Type" column.
-        decoder_kind: ``"vit"``, ``"mlp"`` or None (STL has no decoder).
+        names: The strategy's name and Table 1 labels (``vocab``).
         stages: ``(decoder name, query source)`` in execution order; sources are ``"proj"`` (the
             shared projection of the encoder tokens) or an earlier stage.
         heads: Task -> feature the task head reads.
     """
 
-    name: str
-    mtl_type: str
-    decoder_kind: Literal["vit", "mlp"] | None
+    names: vocab.ArchitectureName
     stages: tuple[tuple[str, str], ...]
     heads: tuple[tuple[str, str], ...]
 
     @property
-    def decoder_label(self) -> str:
-        """Table 1's "Decoder" column."""
-        return {"vit": "ViT Decoder", "mlp": "MLP", None: "-"}[self.decoder_kind]
+    def name(self) -> str:
+        """Registry name."""
+        return self.names.name
+
+    @property
+    def decoder_kind(self) -> str | None:
+        """``"vit"``, ``"mlp"`` or None (STL has no decoder)."""
+        return self.names.decoder_kind
 
 
 _TASK_HEADS = tuple((t, t) for t in TASKS)
 _PARALLEL = (("box", "proj"), ("landmark", "proj"), ("expr", "proj"))
 _SHARED = (("shared", "proj"), ("box", "shared"), ("landmark", "shared"), ("expr", "shared"))
+_CASCADE = (("box", "proj"), ("landmark", "box"), ("expr", "landmark"))  # equations 4-6
 
-_ARCHS = (
-    Architecture("stl", "STL", None, (), (("expr", "tokens"),)),
-    Architecture("nonshared_mlp", "Non-Fully Shared", "mlp", _PARALLEL, _TASK_HEADS),
-    Architecture("nonshared_vit", "Non-Fully Shared", "vit", _PARALLEL, _TASK_HEADS),
-    Architecture("shared_mlp", "Fully Shared", "mlp", _SHARED, _TASK_HEADS),
-    Architecture("shared_vit", "Fully Shared", "vit", _SHARED, _TASK_HEADS),
-    Architecture("cascaded_vit", "Cascaded", "vit", (("box", "proj"), ("landmark", "box"), ("expr", "landmark")),
-                 _TASK_HEADS),
-)
-ARCHITECTURE_SPECS: dict[str, Architecture] = {a.name: a for a in _ARCHS}
-ARCHITECTURES: tuple[str, ...] = tuple(ARCHITECTURE_SPECS)
+# (stages, heads) of each strategy.
+_WIRING: dict[str, tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]] = {
+    vocab.STL: ((), (("expr", "tokens"),)),
+    vocab.NONSHARED_MLP: (_PARALLEL, _TASK_HEADS),
+    vocab.NONSHARED_VIT: (_PARALLEL, _TASK_HEADS),
+    vocab.SHARED_MLP: (_SHARED, _TASK_HEADS),
+    vocab.SHARED_VIT: (_SHARED, _TASK_HEADS),
+    vocab.CASCADED_VIT: (_CASCADE, _TASK_HEADS),
+}
+ARCHITECTURE_SPECS: dict[str, Architecture] = {
+    names.name: Architecture(names, *_WIRING[names.name]) for names in vocab.ARCHITECTURE_NAMES
+}
+ARCHITECTURES: tuple[str, ...] = vocab.ARCHITECTURES
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class ModelConfig:
     """Everything needed to build any of the six architectures.
 
     Attributes:
-        encoder: Encoder preset name (``tiny``, ``vit_small``, ``vit_base``, ``vit_large``) or config.
+        encoder: Encoder preset name (``vocab.ENCODER_PRESETS``: VideoMAE ViTs and LGI-Formers) or config.
         encoder_checkpoint: Local file with pretrained encoder weights (see ``model.checkpoint``).
         freeze_encoder: Freeze the encoder, as the released code does (303.9M frozen vs 9.8M trained).
         use_pos_embed: Add the sinusoid position table (the official wiring likely skipped it).
@@ -93,7 +97,7 @@ class ModelConfig:
         encoder_overrides: Extra :class:`EncoderConfig` fields (e.g. ``final_norm``).
     """
 
-    encoder: str | EncoderConfig = "vit_large"
+    encoder: str | AnyEncoderConfig = "vit_large"
     encoder_checkpoint: str | None = None
     freeze_encoder: bool = True
     use_pos_embed: bool = True
@@ -114,9 +118,9 @@ class ModelConfig:
         """(mean, std) per channel for ``model.normalize_video``."""
         return NORMALIZATIONS[self.normalization]
 
-    def encoder_cfg(self) -> EncoderConfig:
+    def encoder_cfg(self) -> AnyEncoderConfig:
         """The resolved encoder config (frame count, size and position switch applied)."""
-        return encoder_config(self.encoder, num_frames=self.num_frames, img_size=self.img_size,
+        return resolve_encoder_config(self.encoder, num_frames=self.num_frames, img_size=self.img_size,
                               use_pos_embed=self.use_pos_embed, **self.encoder_overrides)
 
     def decoder_cfg(self) -> DecoderConfig:
@@ -140,18 +144,18 @@ class MTCAEOutput:
 
 
 class MTCAEModel(nn.Module):
-    """Shared VideoMAE encoder, routed decoders and task heads."""
+    """Shared encoder (VideoMAE ViT or LGI-Former), routed decoders and task heads."""
 
     def __init__(self, arch: Architecture, cfg: ModelConfig) -> None:
         super().__init__()
         self.arch, self.cfg = arch, cfg
         enc_cfg, dec_cfg = cfg.encoder_cfg(), cfg.decoder_cfg()
-        self.encoder = VideoMAEEncoder(enc_cfg).freeze(cfg.freeze_encoder)
+        self.encoder = build_encoder(enc_cfg).freeze(cfg.freeze_encoder)
         self.proj: nn.Module | None = None
         self.decoders = nn.ModuleDict()
         if arch.decoder_kind is not None:
             # One bias-free projection shared by all decoders: K/V source and first query (4.2).
-            self.input_drop = Dropout(dec_cfg.input_dropout)
+            self.input_drop = nn.Dropout(dec_cfg.input_dropout)
             self.proj = nn.Linear(enc_cfg.embed_dim, dec_cfg.embed_dim, bias=False)
             decoder_cls = ViTDecoder if arch.decoder_kind == "vit" else MLPDecoder
             for name, _ in arch.stages:

@@ -1,6 +1,7 @@
-"""Load foreign VideoMAE checkpoints into :class:`~model.encoder.VideoMAEEncoder`.
+"""Load foreign checkpoints into :class:`~model.encoder.VideoMAEEncoder` or
+:class:`~model.lgi_former.LGIFormerEncoder`.
 
-Three layouts a user will have on disk are converted by one small converter each
+Five layouts a user will have on disk are converted by one small converter each
 (official_spec.md 7.2, 8.2-8.4):
 
 * ``videomae``: the original MCG-NJU / MAE-DFER plain ViT, fine-tuned (``fc_norm``/``head`` to drop).
@@ -8,9 +9,12 @@ Three layouts a user will have on disk are converted by one small converter each
   keys to drop).
 * ``huggingface``: transformers ``VideoMAEModel`` / ``VideoMAEForVideoClassification`` /
   ``VideoMAEForPreTraining`` (split query/key/value projections).
+* ``lgi_former``: MAE-DFER's LGI-Former fine-tuned on DFEW/FERV39k/MAFW (``fc_norm``/``head`` to drop).
+* ``lgi_former_pretrain``: its VoxCeleb2 pre-training model (``encoder.`` prefix, decoder keys to drop).
 
 A ``timm``-style state dict (one ``attn.qkv.bias`` of width 3C instead of ``q_bias``/``v_bias``) is
-accepted as well. MAE-DFER's LGI-Former is recognised and refused: it is another architecture.
+accepted as well. The encoder family is read from the keys (``lg_region_tokens`` marks an
+LGI-Former); a checkpoint of one family loaded into the other family's encoder is refused.
 
 :func:`checkpoint_filter_fn` is the pure conversion (timm style); :func:`load_encoder_checkpoint`
 reads a ``.pth``/``.pt``/``.bin`` (``weights_only=True``) or ``.safetensors`` file, converts it and
@@ -31,6 +35,7 @@ import torch
 from torch import Tensor
 
 from model.encoder import ENCODER_PRESETS, VideoMAEEncoder
+from model.lgi_former import LGI_FORMER_PRESETS, LGIFormerEncoder
 
 __all__ = [
     "CheckpointError",
@@ -46,7 +51,8 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-SOURCE_FORMATS = ("videomae", "videomae_pretrain", "huggingface", "timm", "lgi_former")
+SOURCE_FORMATS = ("videomae", "videomae_pretrain", "huggingface", "timm", "lgi_former", "lgi_former_pretrain")
+_LGI_FORMATS = ("lgi_former", "lgi_former_pretrain")
 
 # Wrapper prefixes stripped from every key: ``module.`` from DistributedDataParallel, ``backbone.``
 # as stripped by VideoMAE / MAE-DFER ``run_class_finetuning.py`` (official_spec.md 7.2).
@@ -74,12 +80,21 @@ _HF_IGNORED = {
     "classifier.": "VideoMAEForVideoClassification head; task heads are separate modules here",
     **_PRETRAIN_IGNORED,
 }
+# Fine-tuned MAE-DFER LGI-Former (DFEW / FERV39k / MAFW; MAE-DFER modeling_finetune.py). Its pre-training
+# model drops the same _PRETRAIN_IGNORED keys as VideoMAE's (modeling_pretrain.py).
+_LGI_IGNORED = {
+    "fc_norm.": "norm of the pooled region tokens of a fine-tuned LGI-Former; the encoder outputs tokens",
+    "head.": "DFEW/FERV39k/MAFW classification head; task heads are separate modules here",
+}
 _REASON_FINAL_NORM = "final norm of the checkpoint, unused: the model is configured with final_norm=False"
 _REASON_HF_KEY_BIAS = "all-zero key bias; VideoMAE attention has no key bias"
 _REASON_POS_EMBED = "fixed sinusoid position table; the encoder recomputes it (non-persistent buffer)"
 
 # Key fragments that only MAE-DFER's LGI-Former has (official_spec.md 7.1, 7.2).
 _LGI_MARKERS = ("lg_region_tokens", ".first_attn.", ".second_attn.", ".third_attn.", "first_attn_norm0")
+# Keys only an LGBlock variant MAE-DFER did not release has (lg_first_attn_type='cross'); the other
+# variants (third 'self', lg_no_second/lg_no_third) show up as missing keys.
+_LGI_VARIANT_MARKERS = (".first_attn_norm1.",)
 
 # HF per-layer names (after ``encoder.layer.{i}.``) -> original VideoMAE names (official_spec.md 8.3).
 _HF_LAYER_RENAMES = {
@@ -104,6 +119,7 @@ _UNPICKLER_ERROR_RE = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
 
 StateDict = dict[str, Tensor]
 Ignored = dict[str, list[str]]
+Encoder = VideoMAEEncoder | LGIFormerEncoder
 
 
 class CheckpointError(ValueError):
@@ -119,7 +135,7 @@ class CheckpointMismatchError(CheckpointError):
 
 
 class IncompatibleCheckpointError(CheckpointError):
-    """The checkpoint belongs to another architecture (e.g. MAE-DFER's LGI-Former)."""
+    """The checkpoint belongs to another architecture (e.g. an LGI-Former loaded into a plain ViT)."""
 
 
 @dataclass
@@ -152,15 +168,15 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> str:
     """Name the layout of a state dict (wrapper prefixes such as ``module.`` are looked through).
 
     Returns:
-        One of ``"lgi_former"``, ``"huggingface"``, ``"videomae_pretrain"``, ``"timm"``,
-        ``"videomae"``.
+        One of ``"lgi_former_pretrain"``, ``"lgi_former"``, ``"huggingface"``, ``"videomae_pretrain"``,
+        ``"timm"``, ``"videomae"``.
 
     Raises:
         IncompatibleCheckpointError: No known encoder layout is recognised.
     """
     keys = list(_strip_wrappers(state_dict))
     if any(marker in key for key in keys for marker in _LGI_MARKERS):
-        return "lgi_former"
+        return "lgi_former_pretrain" if any(key.startswith("encoder.") for key in keys) else "lgi_former"
     if any(_is_hf_key(key) for key in keys):
         return "huggingface"
     if any(key.startswith("encoder.") for key in keys):
@@ -192,7 +208,7 @@ def _strip_wrappers(state_dict: Mapping[str, Tensor]) -> StateDict:
 
 
 # --------------------------------------------------------------------------------------------------
-# One converter per source layout: (state_dict, ignored) -> state_dict in VideoMAEEncoder keys
+# One converter per source layout: (state_dict, ignored) -> state_dict in the encoder's keys
 # --------------------------------------------------------------------------------------------------
 
 
@@ -243,11 +259,18 @@ def _merge_hf_qkv(index: int, attn: dict[str, tuple[str, Tensor]], ignored: Igno
     return out
 
 
+def _convert_lgi_former(state_dict: StateDict, ignored: Ignored) -> StateDict:
+    """Fine-tuned MAE-DFER LGI-Former: the encoder's own names, classification head dropped."""
+    return _drop_ignored(state_dict, _LGI_IGNORED, ignored)
+
+
 _CONVERTERS: dict[str, Callable[[StateDict, Ignored], StateDict]] = {
     "videomae": _convert_videomae,
     "timm": _convert_videomae,  # same names; the 3C qkv bias is split by the shared step below
     "videomae_pretrain": _convert_videomae_pretrain,
     "huggingface": _convert_huggingface,
+    "lgi_former": _convert_lgi_former,
+    "lgi_former_pretrain": _convert_videomae_pretrain,  # same wrapper: encoder. prefix, MAE decoder
 }
 
 
@@ -279,7 +302,7 @@ def _require_zero_key_bias(key: str, bias: Tensor) -> None:
         )
 
 
-def _check_pos_embed(state_dict: StateDict, model: VideoMAEEncoder, ignored: Ignored) -> StateDict:
+def _check_pos_embed(state_dict: StateDict, model: Encoder, ignored: Ignored) -> StateDict:
     """Accept a stored position table only if it is the fixed sinusoid the encoder recomputes."""
     if "pos_embed" not in state_dict:
         return state_dict
@@ -297,7 +320,7 @@ def _check_pos_embed(state_dict: StateDict, model: VideoMAEEncoder, ignored: Ign
     return out
 
 
-def _drop_unused_final_norm(state_dict: StateDict, model: VideoMAEEncoder, ignored: Ignored) -> StateDict:
+def _drop_unused_final_norm(state_dict: StateDict, model: Encoder, ignored: Ignored) -> StateDict:
     """Drop ``norm.*`` only when the model is configured without a final norm (mean-pool FT model)."""
     norm_keys = [key for key in state_dict if key.startswith("norm.")]
     if model.cfg.final_norm or not norm_keys:
@@ -306,7 +329,7 @@ def _drop_unused_final_norm(state_dict: StateDict, model: VideoMAEEncoder, ignor
     return {key: value for key, value in state_dict.items() if key not in norm_keys}
 
 
-def _check_shapes(state_dict: StateDict, model: VideoMAEEncoder) -> None:
+def _check_shapes(state_dict: StateDict, model: Encoder) -> None:
     """Raise if a tensor shared with the model has another shape, hinting at the right preset."""
     target = model.state_dict()
     bad = [
@@ -322,8 +345,10 @@ def _check_shapes(state_dict: StateDict, model: VideoMAEEncoder) -> None:
         )
 
 
-def _architecture_hint(state_dict: StateDict, model: VideoMAEEncoder) -> str:
+def _architecture_hint(state_dict: StateDict, model: Encoder) -> str:
     """Describe the encoder the checkpoint was made for and name the preset that matches it."""
+    if isinstance(model, LGIFormerEncoder):
+        return _lgi_former_hint(state_dict, model)
     weight = state_dict.get("patch_embed.proj.weight")
     depths = [int(m.group(1)) for key in state_dict if (m := _BLOCK_RE.match(key))]
     if weight is None or weight.ndim != 5 or not depths:
@@ -340,9 +365,31 @@ def _architecture_hint(state_dict: StateDict, model: VideoMAEEncoder) -> str:
     )
 
 
-def _describe(model: VideoMAEEncoder) -> str:
+def _lgi_former_hint(state_dict: StateDict, model: LGIFormerEncoder) -> str:
+    """:func:`_architecture_hint` for an LGI-Former: width, depth and region count of the checkpoint."""
+    weight, regions = state_dict.get("patch_embed.proj.weight"), state_dict.get("lg_region_tokens")
+    depths = [int(m.group(1)) for key in state_dict if (m := _BLOCK_RE.match(key))]
+    if weight is None or weight.ndim != 5 or regions is None or not depths:
+        return "the checkpoint does not look like a complete LGI-Former encoder"
+    embed_dim, depth, num_regions = weight.shape[0], max(depths) + 1, regions.shape[0]
+    found = f"the checkpoint is an LGI-Former with embed_dim={embed_dim}, depth={depth} and {num_regions} regions"
+    if any(marker in key for key in state_dict for marker in _LGI_VARIANT_MARKERS):
+        found += (" whose 'first_attn_norm1' means lg_first_attn_type='cross', an LGBlock variant MAE-DFER did "
+                  "not release and LGIFormerEncoder does not implement")
+    presets = [name for name, c in LGI_FORMER_PRESETS.items() if (c.embed_dim, c.depth) == (embed_dim, depth)]
+    if presets:
+        return (f"{found}; choose the matching preset, lgi_former_config({presets[0]!r}), with frames, img_size and "
+                f"region_size that give {num_regions} regions (this model: {_describe(model)})")
+    return (f"{found}; no preset matches, build one with lgi_former_config(..., embed_dim={embed_dim}, depth={depth}, "
+            f"num_heads=...) (this model: {_describe(model)})")
+
+
+def _describe(model: Encoder) -> str:
     cfg = model.cfg
-    return f"embed_dim={cfg.embed_dim}, depth={cfg.depth}, tubelet {cfg.tubelet_size}x{cfg.patch_size}x{cfg.patch_size}"
+    text = f"embed_dim={cfg.embed_dim}, depth={cfg.depth}, tubelet {cfg.tubelet_size}x{cfg.patch_size}x{cfg.patch_size}"
+    if isinstance(model, LGIFormerEncoder):
+        text += f", {model.cfg.num_regions} regions of {'x'.join(map(str, model.cfg.region_size))} tokens"
+    return text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,37 +397,33 @@ def _describe(model: VideoMAEEncoder) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VideoMAEEncoder) -> dict[str, Tensor]:
-    """Convert a foreign state dict to :class:`VideoMAEEncoder` keys (pure: the input is not modified).
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: Encoder) -> dict[str, Tensor]:
+    """Convert a foreign state dict to ``model``'s keys (pure: the input is not modified).
 
     Detects the layout (:func:`detect_format`), applies that layout's converter, splits a timm-style
     3C ``qkv.bias``, drops the explicit ignored sets (logged), and checks tensor shapes.
 
     Args:
         state_dict: Checkpoint tensors in any supported layout.
-        model: The encoder the weights are meant for (its config decides about the final norm).
+        model: The encoder the weights are meant for: a :class:`VideoMAEEncoder` or an
+            :class:`LGIFormerEncoder` (its config decides about the final norm).
 
     Returns:
         A state dict in the encoder's key names. Key-set completeness is checked by the loader.
 
     Raises:
-        IncompatibleCheckpointError: LGI-Former or unknown layout, non-zero key bias, learned
-            position embedding.
+        IncompatibleCheckpointError: A checkpoint of the other encoder family, an unknown layout,
+            a non-zero key bias, a learned position embedding.
         CheckpointMismatchError: A tensor's shape disagrees with the model.
     """
     _, converted, _ = _convert(state_dict, model)
     return converted
 
 
-def _convert(state_dict: Mapping[str, Tensor], model: VideoMAEEncoder) -> tuple[str, StateDict, Ignored]:
+def _convert(state_dict: Mapping[str, Tensor], model: Encoder) -> tuple[str, StateDict, Ignored]:
     """:func:`checkpoint_filter_fn` plus the detected format and the ignored keys by reason."""
     fmt = detect_format(state_dict)
-    if fmt == "lgi_former":
-        raise IncompatibleCheckpointError(
-            "this is an LGI-Former checkpoint from MAE-DFER (keys such as 'lg_region_tokens', "
-            "'blocks.0.first_attn.q.weight'), not a plain VideoMAE ViT: its local-global blocks cannot be "
-            "loaded into VideoMAEEncoder. Use a plain VideoMAE ViT checkpoint (e.g. MCG-NJU VideoMAE ViT-L K400)"
-        )
+    _require_family(fmt, model)
     ignored: Ignored = {}
     converted = _CONVERTERS[fmt](_strip_wrappers(state_dict), ignored)
     converted = _split_qkv_bias(converted)
@@ -392,16 +435,35 @@ def _convert(state_dict: Mapping[str, Tensor], model: VideoMAEEncoder) -> tuple[
     return fmt, converted, ignored
 
 
+def _require_family(fmt: str, model: Encoder) -> None:
+    """Refuse a checkpoint of one encoder family (plain ViT, LGI-Former) meant for the other."""
+    lgi_checkpoint, lgi_model = fmt in _LGI_FORMATS, isinstance(model, LGIFormerEncoder)
+    if lgi_checkpoint and not lgi_model:
+        raise IncompatibleCheckpointError(
+            "this is an LGI-Former checkpoint from MAE-DFER (keys such as 'lg_region_tokens', "
+            "'blocks.0.first_attn.q.weight'), not a plain VideoMAE ViT: its local-global blocks cannot be "
+            "loaded into VideoMAEEncoder. Load it into an LGIFormerEncoder (encoder preset 'lgi_former_base'), "
+            "or use a plain VideoMAE ViT checkpoint (e.g. MCG-NJU VideoMAE ViT-L K400)"
+        )
+    if lgi_model and not lgi_checkpoint:
+        raise IncompatibleCheckpointError(
+            f"this is a plain VideoMAE ViT checkpoint ({fmt} layout: no 'lg_region_tokens', no "
+            "'blocks.N.first_attn.*'), not an LGI-Former from MAE-DFER: it cannot be loaded into LGIFormerEncoder. "
+            "Load it into a VideoMAEEncoder (an encoder preset such as 'vit_large'), or use MAE-DFER's checkpoint"
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
 
 
-def load_encoder_checkpoint(encoder: VideoMAEEncoder, path: str | Path, *, strict: bool = True) -> LoadReport:
+def load_encoder_checkpoint(encoder: Encoder, path: str | Path, *, strict: bool = True) -> LoadReport:
     """Read a checkpoint file, convert it and load it into ``encoder`` in place.
 
     Args:
-        encoder: Destination encoder; its config must match the checkpoint's architecture.
+        encoder: Destination :class:`VideoMAEEncoder` or :class:`LGIFormerEncoder`; its config must
+            match the checkpoint's architecture.
         path: ``.pth``/``.pt``/``.bin`` (``torch.save``; loaded with ``weights_only=True``, allowing
             only ``argparse.Namespace`` besides tensors and containers) or ``.safetensors``.
         strict: Raise on missing/unexpected keys beyond the explicit ignored sets. With ``False``
@@ -414,7 +476,8 @@ def load_encoder_checkpoint(encoder: VideoMAEEncoder, path: str | Path, *, stric
         FileNotFoundError: ``path`` does not exist.
         CheckpointReadError: Unreadable, corrupt, refused by ``weights_only``, or not a state dict.
         CheckpointMismatchError: Missing/unexpected keys (``strict``) or shape mismatches.
-        IncompatibleCheckpointError: Another architecture (e.g. LGI-Former) or an unknown layout.
+        IncompatibleCheckpointError: The other encoder family (an LGI-Former into a plain ViT or the
+            reverse) or an unknown layout.
     """
     path = Path(path)
     state_dict = _unwrap(_read(path), path)
@@ -466,13 +529,13 @@ def _unwrap(obj: object, path: Path) -> StateDict:
     return dict(obj)
 
 
-def _key_diff(state_dict: StateDict, model: VideoMAEEncoder) -> tuple[list[str], list[str]]:
+def _key_diff(state_dict: StateDict, model: Encoder) -> tuple[list[str], list[str]]:
     expected = set(model.state_dict())
     return sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
 
 
 def _mismatch_message(
-    fmt: str, missing: list[str], unexpected: list[str], ignored: Ignored, converted: StateDict, model: VideoMAEEncoder
+    fmt: str, missing: list[str], unexpected: list[str], ignored: Ignored, converted: StateDict, model: Encoder
 ) -> str:
     parts = [f"checkpoint ({fmt} layout) does not match the encoder's keys"]
     if missing:

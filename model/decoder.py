@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import attention
-from model.dropout import Dropout
 from model.presets import resolve_preset
 
 
@@ -83,11 +81,12 @@ def decoder_config(name: str | DecoderConfig, **overrides: object) -> DecoderCon
 class CrossAttention(nn.Module):
     """Multi-head attention with queries from one stream and keys/values from another.
 
-    K and V projections are fused into one matmul. Attention runs through
-    :func:`model.attention.attention`: ``F.scaled_dot_product_attention``'s fused kernels (CUDA
-    flash / memory-efficient / cuDNN; CPU flash), or, on CPU for bf16 and for training with
-    ``attn_drop > 0`` (no fused CPU kernel supports dropout), query-chunked large matmuls whose
-    dropout masks are redrawn in backward; neither materialises the N x N matrix.
+    K and V projections are fused into one matmul. Attention is ``F.scaled_dot_product_attention``
+    (PyTorch picks the kernel: flash / memory-efficient / cuDNN on CUDA, flash on CPU without
+    dropout, the math path otherwise). ``fused_attn = False`` computes the same
+    ``dropout(softmax(q k^T / sqrt(d))) v`` as explicit matmuls, as timm's ``Attention`` does:
+    the eager reference of benchmarks/decoder_step.py. It is an attribute, not a parameter, so
+    checkpoints do not depend on it.
     """
 
     def __init__(self, cfg: DecoderConfig) -> None:
@@ -98,6 +97,7 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.embed_dim, 2 * cfg.inner_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.inner_dim, cfg.embed_dim)
         self.attn_drop = cfg.attn_drop
+        self.fused_attn = True
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Attend from ``x`` (B, Nq, D) to ``context`` (B, Nk, D); returns (B, Nq, D)."""
@@ -106,7 +106,12 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(B, Nq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, Nq, d)
         kv = self.kv(context).view(B, Nk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, Nk, d)
         k, v = kv.unbind(0)
-        z = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if self.fused_attn:
+            z = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, h, Nq, d)
+        else:
+            attn = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim**-0.5, dim=-1)  # (B, h, Nq, Nk)
+            z = F.dropout(attn, dropout_p, self.training) @ v  # (B, h, Nq, d)
         return self.proj(z.transpose(1, 2).reshape(B, Nq, -1))  # (B, Nq, D)
 
 
@@ -118,7 +123,7 @@ class DecoderMlp(nn.Module):
         hidden = int(cfg.embed_dim * cfg.mlp_ratio)
         self.fc1 = nn.Linear(cfg.embed_dim, hidden)
         self.fc2 = nn.Linear(hidden, cfg.embed_dim)
-        self.drop = Dropout(cfg.drop_rate, inplace=True)  # only ever applied to fresh activations
+        self.drop = nn.Dropout(cfg.drop_rate)
         self.out_act = cfg.mlp_out_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import vocab
 from model.presets import resolve_preset
 
 Layout = Literal["BCTHW", "BTHWC"]
@@ -28,10 +29,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The official notebook copied a 0.225-for-all-channels std from a TF example (official_spec 3.4).
 OFFICIAL_STD = (0.225, 0.225, 0.225)
-NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "official": (IMAGENET_MEAN, OFFICIAL_STD),
-}
+# (mean, std) per name of ``vocab.NORMALIZATIONS``: imagenet, official.
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = dict(zip(
+    vocab.NORMALIZATIONS, ((IMAGENET_MEAN, IMAGENET_STD), (IMAGENET_MEAN, OFFICIAL_STD)), strict=True))
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,14 @@ class EncoderConfig:
         return t * h * w
 
 
-ENCODER_PRESETS: dict[str, EncoderConfig] = {
-    # A few tokens and a few thousand weights: for tests and the CPU smoke sweep.
-    "tiny": EncoderConfig(embed_dim=32, depth=2, num_heads=2),
-    "vit_small": EncoderConfig(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": EncoderConfig(embed_dim=768, depth=12, num_heads=12),
-    # VideoMAE ViT-L/16 as frozen by the official code (official_spec.md 1, 4.1).
-    "vit_large": EncoderConfig(embed_dim=1024, depth=24, num_heads=16),
-}
+# One config per name of ``vocab.VIDEOMAE_PRESETS``, in its order.
+ENCODER_PRESETS: dict[str, EncoderConfig] = dict(zip(vocab.VIDEOMAE_PRESETS, (
+    EncoderConfig(embed_dim=32, depth=2, num_heads=2),  # tiny: for tests and the CPU smoke sweep
+    EncoderConfig(embed_dim=384, depth=12, num_heads=6),  # vit_small
+    EncoderConfig(embed_dim=768, depth=12, num_heads=12),  # vit_base
+    # vit_large: VideoMAE ViT-L/16 as frozen by the official code (official_spec.md 1, 4.1).
+    EncoderConfig(embed_dim=1024, depth=24, num_heads=16),
+), strict=True))
 
 
 def encoder_config(name: str | EncoderConfig, **overrides: object) -> EncoderConfig:
@@ -159,7 +159,45 @@ class TubeletEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, C)
 
 
-class VideoMAEEncoder(nn.Module):
+class ClipEncoder(nn.Module):
+    """What every encoder family shares: freezing, and checking the clip it is given.
+
+    Subclasses set ``self.cfg`` (with ``in_chans``, ``num_frames``, ``img_size``) and ``self.frozen``.
+    """
+
+    cfg: EncoderConfig
+    frozen: bool = False
+
+    def freeze(self, frozen: bool = True) -> ClipEncoder:
+        """Freeze (the official code's choice) or unfreeze all weights; a frozen encoder stays in eval mode."""
+        self.frozen = frozen
+        self.requires_grad_(not frozen)
+        if frozen:
+            super().train(False)
+        return self
+
+    def train(self, mode: bool = True) -> ClipEncoder:
+        """Switch mode, except that a frozen encoder never leaves eval mode (no dropout/drop-path)."""
+        return super().train(mode and not self.frozen)
+
+    def check_clip(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """The clip as (B, 3, T, H, W), validated against the config.
+
+        Raises:
+            ValueError: An unknown layout, or a clip whose channels, frames or size differ from the config's.
+        """
+        if layout == "BTHWC":
+            x = x.permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
+        elif layout != "BCTHW":
+            raise ValueError(f"layout must be 'BCTHW' or 'BTHWC', got {layout!r}")
+        _, C, T, H, W = x.shape
+        expected = (self.cfg.in_chans, self.cfg.num_frames, self.cfg.img_size, self.cfg.img_size)
+        if (C, T, H, W) != expected:
+            raise ValueError(f"encoder expects clips of (C, T, H, W) = {expected}, got {(C, T, H, W)}")
+        return x
+
+
+class VideoMAEEncoder(ClipEncoder):
     """VideoMAE ViT encoder: clip -> (B, N, C) tokens (no pooling, no head)."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
@@ -177,18 +215,6 @@ class VideoMAEEncoder(nn.Module):
         self.norm = norm(cfg.embed_dim) if cfg.final_norm else nn.Identity()
         self.frozen = False
 
-    def freeze(self, frozen: bool = True) -> VideoMAEEncoder:
-        """Freeze (the official code's choice) or unfreeze all weights; a frozen encoder stays in eval mode."""
-        self.frozen = frozen
-        self.requires_grad_(not frozen)
-        if frozen:
-            super().train(False)
-        return self
-
-    def train(self, mode: bool = True) -> VideoMAEEncoder:
-        """Switch mode, except that a frozen encoder never leaves eval mode (no dropout/drop-path)."""
-        return super().train(mode and not self.frozen)
-
     def forward(self, x: torch.Tensor, layout: Layout = "BCTHW") -> torch.Tensor:
         """Encode a normalised clip.
 
@@ -199,15 +225,7 @@ class VideoMAEEncoder(nn.Module):
         Returns:
             Tokens (B, N, C), N = T/2 * H/16 * W/16.
         """
-        if layout == "BTHWC":
-            x = x.permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
-        elif layout != "BCTHW":
-            raise ValueError(f"layout must be 'BCTHW' or 'BTHWC', got {layout!r}")
-        B, C, T, H, W = x.shape
-        expected = (self.cfg.in_chans, self.cfg.num_frames, self.cfg.img_size, self.cfg.img_size)
-        if (C, T, H, W) != expected:
-            raise ValueError(f"encoder expects clips of (C, T, H, W) = {expected}, got {(C, T, H, W)}")
-        x = self.patch_embed(x)  # (B, N, C)
+        x = self.patch_embed(self.check_clip(x, layout))  # (B, N, C)
         if self.cfg.use_pos_embed:
             x = x + self.pos_embed.to(x.dtype)
         for blk in self.blocks:

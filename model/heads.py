@@ -7,7 +7,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-HeadOrder = Literal["norm_pool", "pool_norm"]
+import vocab
+
+HeadOrder = Literal[vocab.HEAD_ORDERS]
 
 
 class TaskHead(nn.Module):

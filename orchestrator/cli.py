@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import vocab
+
 Handler = Callable[[argparse.Namespace], int]
 
 _EPILOG = """\
@@ -83,7 +85,7 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
                    help="MLflow experiment name (repeatable; default: every experiment)")
     p.add_argument("--sweep", default=None, help="only runs tagged sweep=NAME; also selects the "
                    "parent run the files are attached to")
-    p.add_argument("--stage", default="auto", choices=["auto", "cv", "search", "any"],
+    p.add_argument("--stage", default="auto", choices=["auto", *vocab.STAGES, "any"],
                    help="which trial runs: cv (final cross-validation), search (HPO), any, or auto = "
                    "cv if present else any (default: %(default)s)")
     p.add_argument("--n-folds", type=int, default=None,
@@ -101,7 +103,7 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_table(args: argparse.Namespace) -> int:
-    from orchestrator.tables import make_tables
+    from orchestrator.report.export import make_tables
     from orchestrator.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, args.out)
@@ -132,14 +134,41 @@ one fold of one configuration, without Ray (for debugging a configuration):
   the latest checkpoint is kept in <out>/checkpoints/<run name>/state.pt (--resume continues it);
   metrics go to MLflow (default: the embedded store sqlite:///<out>/mlflow.db).
 
-examples:
-  mtcae train --cache cache/demo --arch cascaded_vit --fold 0 --epochs 5 --set encoder=tiny
-  mtcae train --cache cache/ravdess --arch shared_vit --fold 2 --set lr=3e-4 --set decoder=official
+examples (the cache exists after `mtcae demo`):
+  mtcae train --cache mtcae_runs/cache/demo --arch cascaded_vit --fold 0 --epochs 5 --set encoder=tiny
+  mtcae train --cache mtcae_runs/cache/demo --arch shared_vit --fold 1 --set encoder=tiny --set lr=3e-4
+  mtcae train --cache mtcae_runs/cache/ravdess --arch cascaded_vit --set decoder=official \\
+      --set encoder_checkpoint=/ckpt/videomae_large_k400.pth        # the paper's model, on a GPU
 
-on a CPU: trials keep freed memory for reuse (--set cpu_heap=default turns it off); on a CPU with
-AVX512-BF16 or AMX, --set precision=bf16 trains about 1.9x faster than float32 (query-chunked bf16
-attention; the default stays float32 on CPU). See README "Training on a CPU".
+architectures (--arch, Table 1):
+{archs}
+
+--set KEY=VALUE keys (default in brackets; docs/design.md "Trial config" says what each does):
+{keys}
+
+sizing: the default encoder (vit_large, 1568 tokens per clip) is a GPU workload; on a CPU the
+trial logs an estimate of its time and memory first. encoder=tiny or vit_small runs in seconds to
+minutes on a laptop. Standard PyTorch switches apply: OMP_NUM_THREADS / torch threads, and
+--set precision=bf16 on CPUs with AVX512-BF16 or AMX.
 """
+
+
+def _train_epilog() -> str:
+    """The train epilog with the architectures and settable keys read from their definitions."""
+    from orchestrator.trial.config import SETTABLE_KEYS, TrialConfig
+
+    archs = "\n".join(f"  {a.name:<14} {a.mtl_type}, {a.decoder_label}" for a in vocab.ARCHITECTURE_NAMES)
+    defaults = TrialConfig()
+    shown = {k: getattr(defaults, k) for k in SETTABLE_KEYS}
+    items = [f"{k} [{'preset' if v is None and k.startswith('decoder_') else v}]" for k, v in shown.items()]
+    lines, line = [], " "
+    for item in items:
+        if len(line) + len(item) > 96:
+            lines.append(line)
+            line = " "
+        line += f" {item},"
+    keys = "\n".join([*lines, line.rstrip(",")])
+    return _TRAIN_EPILOG.format(archs=archs, keys=keys)
 
 
 @subcommand
@@ -150,11 +179,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train and test one architecture on one fold (no Ray)",
         description="Run one trial of the training loop on a preprocessing cache: train, validate "
         "every epoch, test with the best validation epoch's weights, log to MLflow.",
-        epilog=_TRAIN_EPILOG,
+        epilog=_train_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--cache", type=Path, required=True, help="preprocessing cache (mtcae preprocess --out)")
-    p.add_argument("--arch", default="cascaded_vit", help="architecture (default: %(default)s)")
+    p.add_argument("--arch", default=vocab.CASCADED_VIT, choices=vocab.ARCHITECTURES,
+                   help="architecture, one of Table 1's six (default: %(default)s, the paper's model)")
     p.add_argument("--fold", type=int, default=0, help="test fold index (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="epoch budget (default: 100, the paper's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -169,7 +199,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from orchestrator.trainable import train_one_fold
+    from orchestrator.trial.entrypoints import train_one_fold
 
     overrides = {}
     for item in args.overrides:
@@ -241,20 +271,21 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
     p.add_argument("--gpus-per-trial", type=float, default=None,
                    help="override the space's resources.gpu (e.g. 1, or 0.5 to pack two small trials)")
-    p.add_argument("--stage", choices=["all", "search", "cv"], default="all",
+    p.add_argument("--stage", choices=["all", *vocab.STAGES], default="all",
                    help="run only one stage (default: %(default)s)")
     p.add_argument("--no-tables", action="store_true", help="do not write the result tables at the end")
     p.set_defaults(handler=_run_sweep)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from orchestrator.search_space import SearchSpaceError
-    from orchestrator.sweep import SweepError, SweepInterrupted, run_sweep
+    from orchestrator.pipeline import sweep_and_tables
+    from orchestrator.sweep.errors import SweepError, SweepInterrupted
+    from orchestrator.sweep.space import SearchSpaceError
 
     name = args.resume if isinstance(args.resume, str) else args.name
-    stages = ("search", "cv") if args.stage == "all" else (args.stage,)
+    stages = vocab.STAGES if args.stage == "all" else (args.stage,)
     try:
-        result = run_sweep(
+        result = sweep_and_tables(
             args.space, out=args.out, name=name, resume=bool(args.resume), storage=args.storage,
             cache=args.cache, data_root=args.data_root, tracking_uri=args.tracking_uri,
             experiment=args.experiment, address=args.address, num_cpus=args.num_cpus,
@@ -269,14 +300,14 @@ def _run_sweep(args: argparse.Namespace) -> int:
     if result.tables_markdown:
         print(result.tables_markdown)
     print(result.summary())
-    return 0 if result.complete or args.stage == "search" else 1
+    return 0 if result.complete or args.stage == vocab.STAGE_SEARCH else 1
 
 
 @subcommand
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     """``mtcae demo``: the embedded default, end to end on one machine."""
     p = sub.add_parser(
-        "demo",
+        "demo",  # the command's name, not the dataset's
         help="the whole pipeline on synthetic data, locally, in a few minutes",
         description="Generate the synthetic demo dataset, preprocess it, run search_spaces/smoke.yaml "
         "on a local Ray instance, log to the local MLflow store and print the table.",
@@ -288,7 +319,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import SweepError, SweepInterrupted, run_demo
+    from orchestrator.pipeline import run_demo
+    from orchestrator.sweep.errors import SweepError, SweepInterrupted
 
     try:
         result = run_demo(args.out, num_cpus=args.num_cpus)
@@ -334,7 +366,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 @subcommand
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     """``mtcae preprocess``: raw videos -> 16-frame clips + MTCNN labels (the cache)."""
-    from orchestrator.datasets import DATASETS  # light: no video or torch imports
+    from orchestrator.data.settings import RESIZE_MODES, SAMPLING_MODES
 
     p = sub.add_parser(
         "preprocess",
@@ -344,7 +376,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
         "<out>/settings.json. Re-running resumes; bad videos are recorded in the manifest. Exits "
         "non-zero only if no usable clip came out.",
     )
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="dataset layout")
+    p.add_argument("--dataset", required=True, choices=vocab.DATASETS, help="dataset layout")
     p.add_argument("--root", required=True, type=Path, help="dataset root directory")
     p.add_argument("--out", required=True, type=Path, help="cache directory")
     p.add_argument("--workers", type=int, default=None,
@@ -354,9 +386,9 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
                    help="run as Ray tasks (default: only when Ray is already initialised)")
     p.add_argument("--size", type=int, default=224, help="output frame side (default: 224)")
     p.add_argument("--num-frames", type=int, default=16, help="frames per clip (default: 16)")
-    p.add_argument("--sampling", choices=("official", "uniform"), default="official",
+    p.add_argument("--sampling", choices=SAMPLING_MODES, default="official",
                    help="official: stride floor(T/16) from frame 0 (authors); uniform: centred")
-    p.add_argument("--resize", choices=("squash", "letterbox"), default="squash",
+    p.add_argument("--resize", choices=RESIZE_MODES, default="squash",
                    help="squash the whole frame (authors) or keep the aspect ratio")
     p.add_argument("--min-face-size", type=int, default=20, help="MTCNN minimum face (pixels)")
     p.add_argument("--thresholds", type=float, nargs=3, default=(0.6, 0.7, 0.7),
@@ -378,8 +410,10 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from orchestrator.datasets import DatasetLayoutError, get_dataset
-    from orchestrator.preprocess import CacheSettingsError, PreprocessSettings, run_preprocess
+    from orchestrator.data.cache import CacheSettingsError
+    from orchestrator.data.datasets import DatasetLayoutError, get_dataset
+    from orchestrator.data.preprocess import run_preprocess
+    from orchestrator.data.settings import PreprocessSettings
 
     options: dict = {}
     if args.classes is not None:
@@ -427,7 +461,7 @@ def _add_demo_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo_data(args: argparse.Namespace) -> int:
-    from orchestrator.demo_data import generate_demo_dataset
+    from orchestrator.data.demo import generate_demo_dataset
 
     try:
         paths = generate_demo_dataset(args.out, actors=args.actors,

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from model.encoder import IMAGENET_MEAN, IMAGENET_STD, normalize_video
+from orchestrator.hashing import stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +55,12 @@ def dtype_name(amp_dtype: torch.dtype | None) -> str:
 
 
 def weights_fingerprint(module: nn.Module) -> str:
-    """SHA-1 over a module's state dict (names, dtypes, shapes and bytes), in key order.
+    """SHA-256 over a module's state dict (names, dtypes, shapes and bytes), in key order.
 
     Hashing ViT-L's 1.2 GB of weights takes about a second, once per trial; it is what makes a
     randomly initialised encoder (seeded) and a pretrained one land in different caches.
     """
-    digest = hashlib.sha1()
+    digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -91,8 +92,7 @@ class FeatureSpec:
     def key(self) -> str:
         """16 hex digits identifying the token set."""
         payload = {**asdict(self), "format": FORMAT_VERSION, "store_dtype": np.dtype(STORE_DTYPE).name}
-        text = json.dumps(payload, sort_keys=True, default=list, separators=(",", ":"))
-        return hashlib.sha1(text.encode()).hexdigest()[:16]
+        return stable_hash(payload, 16)
 
     @classmethod
     def for_encoder(

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
-import json
 import logging
 import os
 import re
@@ -53,12 +51,8 @@ TAG_STAGE = "stage"
 TAG_CONFIG_HASH = "config_hash"
 TAG_TRIAL_KEY = "trial_key"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag; the UI shows children under it
-STAGE_SEARCH = "search"
-STAGE_CV = "cv"
-STAGE_SWEEP = "sweep"  # parent runs created by the sweep driver
 
 RECALL_PREFIX = "test_recall_"
-CONFIG_HASH_EXCLUDED = frozenset({"fold"})  # same configuration on every fold -> same hash
 
 # MLflow's per-call limits (mlflow.utils.validation).
 _MAX_PARAMS_PER_BATCH = 100
@@ -250,18 +244,6 @@ def get_or_create_run(
     return winner
 
 
-def config_hash(flat_config: Mapping[str, Any]) -> str:
-    """A stable 12-hex-digit hash of a flat trial configuration.
-
-    Every key takes part except those in ``CONFIG_HASH_EXCLUDED`` (``fold``), so the five folds of
-    one configuration share a hash and the tables can group them. Key order does not matter;
-    values are compared through their JSON form (``1`` and ``1.0`` differ).
-    """
-    kept = {str(k): v for k, v in flat_config.items() if k not in CONFIG_HASH_EXCLUDED}
-    text = json.dumps(kept, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
-
-
 def recall_metric_name(class_name: str) -> str:
     """``test_recall_<class_name>``, with characters MLflow rejects in metric names replaced."""
     return RECALL_PREFIX + re.sub(r"[^A-Za-z0-9_\-. ]", "_", str(class_name))
@@ -385,7 +367,9 @@ class TrialLogger:
             ValueError: the lengths of ``y_true``, ``y_pred`` and ``clip_ids`` differ, or a label is
                 outside ``range(len(class_names))``.
         """
-        from model.metrics import classification_metrics  # lazy: `mtcae table` need not import torch
+        from model.metrics import (
+            classification_metrics,  # lazy: `mtcae table` need not import torch
+        )
 
         true, pred = _check_predictions(y_true, y_pred, class_names, clip_ids)
         scores = classification_metrics(true, pred, len(class_names))

@@ -8,7 +8,6 @@ import math
 import sys
 import time
 import types
-from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import benchmarks
 from benchmarks import common
 from benchmarks import decoder_step as ds
 from benchmarks import encoder as be
-from model.decoder import DecoderConfig
+from model.decoder import CrossAttention, DecoderConfig
 from model.encoder import EncoderConfig, VideoMAEEncoder
 from orchestrator.cli import main as cli_main
 
@@ -28,7 +27,7 @@ PEAK_SIZE = 64  # toy matmul "peak": the number is meaningless, the code path is
 
 def toy_step(**kw) -> ds.StepSetting:
     dec = DecoderConfig(embed_dim=16, depth=2, num_heads=2, head_dim=8)
-    base = dict(decoder=dec, batch_size=2, encoder_dim=32, num_frames=4, img_size=32, rounds=1)
+    base = dict(decoder=dec, batch_size=2, encoder_dim=32, num_frames=4, img_size=32, rounds=2)
     return ds.StepSetting(**{**base, **kw})
 
 
@@ -55,163 +54,86 @@ def finite_numbers(obj: object) -> list[float]:
     return []
 
 
-@pytest.mark.parametrize(("attn_drop", "precision", "retain_heap", "warmup"),
-                         [(None, "fp32", None, True), (0.0, "fp32", None, False), (0.0, "bf16", False, True),
-                          (0.0, "fp32", True, False)])
-def test_decoder_step_runs_and_reports(attn_drop: float | None, precision: str, retain_heap: bool | None,
-                                       warmup: bool) -> None:
-    setting = toy_step(attn_drop=attn_drop, precision=precision, retain_heap=retain_heap, warmup=warmup)
+@pytest.mark.parametrize("attn_drop", [None, 0.0])
+def test_decoder_step_runs_and_reports(attn_drop: float | None) -> None:
+    setting = toy_step(attn_drop=attn_drop)
     results = ds.run(quick=False, device=CPU, settings=[setting], peak_size=PEAK_SIZE)
-    speed, fraction = results
+    speed = results[0]
     for r in results:
         assert_well_formed(r)
-    assert speed["name"].startswith("decoder_step/") and fraction["name"] == speed["name"] + "/fraction_of_peak"
-    assert speed["target"] == ds.TARGET_SPEEDUP["cpu"] and fraction["target"] == ds.TARGET_FRACTION_OF_PEAK
+    assert speed["name"] == setting.label(CPU) == f"decoder_step/custom/b2/fp32/attn_drop{0.3 if attn_drop is None else 0:g}"
+    assert speed["target"] == ds.TARGET_SPEEDUP == 1.0
     for side in ("system", "baseline"):
         raw = speed[side]
-        assert raw["best_s"] > 0 and raw["clips_per_s"] == pytest.approx(2 / raw["best_s"])
-        assert raw["peak_memory_bytes"] is None or isinstance(raw["peak_memory_bytes"], int)
-        assert math.isfinite(raw["loss"])
+        assert len(raw["samples_s"]) == 2 and raw["best_s"] == min(raw["samples_s"]) > 0
+        assert raw["clips_per_s"] == pytest.approx(2 / raw["best_s"])
     assert speed["ratio"] == pytest.approx(speed["baseline"]["best_s"] / speed["system"]["best_s"])
-    assert fraction["ratio"] == pytest.approx(fraction["achieved_flop_per_s"] / fraction["matmul_peak_flop_per_s"])
-    chunked = speed["setting"]["attn_drop_effective"] > 0 or precision == "bf16"
-    assert ("ChunkedAttention" in speed["attention_path"]) == chunked
-    # None: each side as it runs for real (the system retains its heap, as the trainable does).
-    assert speed["system"]["retained_heap"] is (retain_heap is not False)
-    assert speed["baseline"]["retained_heap"] is (retain_heap is True)
-    assert speed["name"] == f"decoder_step/{setting.label}"
-    if retain_heap is None:
-        assert "heap" not in speed["name"]
-    else:
-        assert speed["name"].endswith("/both_retained_heap" if retain_heap else "/default_heap")
+    assert speed["achieved_flop_per_s"] == pytest.approx(speed["step_flops"] / speed["system"]["best_s"])
+    assert speed["fraction_of_peak"] == pytest.approx(speed["achieved_flop_per_s"] / speed["matmul_peak_flop_per_s"])
+    assert speed["peak_dtype"] == "float32" and speed["setting"]["device"] == "cpu"
+    if len(results) == 2:  # memory is measurable here (glibc or /proc)
+        memory = results[1]
+        assert memory["name"] == speed["name"] + "/memory" and memory["target"] == ds.TARGET_MEMORY
+        assert memory["ratio"] == pytest.approx(memory["baseline_peak_bytes"] / memory["system_peak_bytes"])
     assert finite_numbers(results)
 
 
-def test_system_only_setting_reports_its_fraction_of_peak() -> None:
-    setting = toy_step(attn_drop=0.0, retain_heap=False, warmup=False, sides=("system",))
-    (result,) = ds.run(quick=False, device=CPU, settings=[setting], peak_size=PEAK_SIZE)
-    assert_well_formed(result)
-    assert result["name"].endswith("/default_heap/fraction_of_peak") and not result["system"]["retained_heap"]
-    assert result["ratio"] == pytest.approx(result["achieved_flop_per_s"] / result["matmul_peak_flop_per_s"])
-
-
-def test_a_bf16_row_shares_the_float32_rows_baseline(monkeypatch: pytest.MonkeyPatch) -> None:
-    baseline_steps = []
-    real_step = ds.Side.step
-
-    def counting_step(self: ds.Side, device: torch.device, record: bool = True) -> None:
-        if not self.retain_heap:  # the baseline side (glibc's default heap)
-            baseline_steps.append(record)
-        real_step(self, device, record)
-
-    monkeypatch.setattr(ds.Side, "step", counting_step)
-    fp32 = toy_step(attn_drop=0.0, rounds=2, warmup=False)
-    settings = [fp32, replace(fp32, precision="bf16", rounds=1), replace(fp32, attn_drop=0.3, rounds=1)]
-    results = ds.run(quick=False, device=CPU, settings=settings, peak_size=PEAK_SIZE)
-    speed32, frac32, speed16, frac16, other, _ = results
-    # 2 rounds of the fp32 row, none for the bf16 row, 1 for the row with another baseline key.
-    assert baseline_steps == [True, True, True]
-    assert frac32["matmul_peak_samples"] == 3 and frac16["matmul_peak_samples"] == 2  # before, between, after
-    assert "shared" not in speed32["baseline"] and "shared" in speed16["baseline"]
-    assert speed16["baseline"]["best_s"] == speed32["baseline"]["best_s"]
-    assert speed16["ratio"] == pytest.approx(speed32["baseline"]["best_s"] / speed16["system"]["best_s"])
-    assert "shared" not in other["baseline"]
-    assert (frac32["peak_dtype"], frac16["peak_dtype"]) == ("float32", "bfloat16")
-    for r in results:
-        assert_well_formed(r)
-    for row in (frac32, frac16):
-        assert "eager baseline at" in row["summary"]
-    fraction = speed32["baseline"]["fraction_of_fp32_peak"]
-    assert fraction == pytest.approx(speed32["baseline"]["flop_per_s"] / frac32["matmul_peak_flop_per_s"])
-
-
-def test_a_bracketed_setting_divides_each_baseline_step_by_the_system_steps_around_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    order = []
-    real_step = ds.Side.step
-
-    def logging_step(self: ds.Side, device: torch.device, record: bool = True) -> None:
-        order.append("S" if self.retain_heap else "B")
-        real_step(self, device, record)
-
-    monkeypatch.setattr(ds.Side, "step", logging_step)
-    setting = toy_step(attn_drop=0.0, rounds=2, bracket=True, warmup=False, sides=("baseline", "system"))
-    speed, fraction = ds.run(quick=False, device=CPU, settings=[setting], peak_size=PEAK_SIZE)
-    assert "".join(order) == "SBSBS"
-    s, b = speed["system"]["samples_s"], speed["baseline"]["samples_s"]
-    ratios = [b[0] / ((s[0] + s[1]) / 2), b[1] / ((s[1] + s[2]) / 2)]
-    assert speed["ratio"] == pytest.approx(sum(ratios) / 2) and "mean of the system steps" in speed["speedup_method"]
-    assert fraction["achieved_flop_per_s"] == pytest.approx(speed["step_flops"] / min(s))
-
-
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_full_settings_measure_both_presets_at_batch_16_and_share_float32_baselines(device: str) -> None:
-    settings = ds.full_settings(torch.device(device))
-    assert {(s.decoder, s.batch_size) for s in settings} == {("official", 16), ("paper", 16)}
-    assert {s.decoder_cfg().attn_drop for s in settings} == {0.0, 0.3}  # fused and as trained
-    assert all(s.bracket and s.rounds >= 2 for s in settings)
-    if device == "cuda":  # the CUDA target is bf16 against the eager float32 baseline
-        assert {s.precision for s in settings} == {"bf16"} and all(s.retain_heap is None for s in settings)
-        return
-    seen: set = set()
-    for s in settings:  # every bf16 row comes after a float32 row whose baseline it can reuse
-        if s.precision == "fp32":
-            seen.add(s.baseline_key())
-        else:
-            assert s.baseline_key() in seen, s.label
-    assert {s.retain_heap for s in settings} == {None, True, False}
-
-
-def test_quick_settings_measure_the_targets_shape_as_the_system_runs() -> None:
-    first = ds.quick_settings()[0]
-    assert (first.decoder, first.batch_size, first.decoder_cfg().attn_drop) == ("official", 16, 0.0)
-    assert first.side_retains_heap("system") and not first.side_retains_heap("baseline")
-    assert set(first.sides) == {"system", "baseline"}
-
-
-def test_baseline_decoder_computes_the_same_function() -> None:
-    system, _, model, _ = ds.build_runners(toy_step(), CPU)
-    model.eval()
+def test_baseline_is_the_same_model_with_eager_attention() -> None:
+    """Same weights, same function; only the attention kernel differs (and the baseline holds N x N)."""
+    _, models = ds.build_steps(toy_step(), CPU)
+    system, baseline = models["system"], models["baseline"]
+    assert all(m.fused_attn for m in system.modules() if isinstance(m, CrossAttention))
+    assert not any(m.fused_attn for m in baseline.modules() if isinstance(m, CrossAttention))
+    for a, b in zip(system.state_dict().values(), baseline.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    tokens = torch.randn(2, system.encoder.cfg.num_tokens, 32)
     with torch.no_grad():
-        real = model.forward_tokens(system.tokens)
-        eager = ds.baseline_forward_tokens(model, system.tokens)
+        real, eager = system.eval().forward_tokens(tokens), baseline.eval().forward_tokens(tokens)
     for a, b in ((real.logits, eager.logits), (real.boxes, eager.boxes), (real.landmarks, eager.landmarks)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-# ("system", 0.0) takes the CPU flash kernel, whose backward FlopCounterMode does not count.
-@pytest.mark.parametrize(("side", "attn_drop"), [("baseline", 0.0), ("baseline", 0.3), ("system", 0.3)])
-def test_step_flops_match_a_flop_counter(side: str, attn_drop: float) -> None:
-    setting = toy_step(attn_drop=attn_drop)
-    system, baseline, model, num_tokens = ds.build_runners(setting, CPU)
-    runner = system if side == "system" else baseline
+def test_step_flops_match_a_flop_counter() -> None:
+    """The eager step's matmuls, counted by PyTorch, are the analytic count (the fused CPU backward is not counted)."""
+    steps, models = ds.build_steps(toy_step(), CPU)
     with FlopCounterMode(display=False) as counter:
-        runner.loss_fn(runner.forward(runner.tokens), runner.batch)["loss"].backward()
-    expected = ds.step_flops(model, num_tokens, batch_size=2)
-    if side == "system" and attn_drop > 0:  # chunked attention (CPU dropout) recomputes Q K^T in backward
-        cfg = setting.decoder_cfg()
-        expected += 3 * cfg.depth * 2 * 2 * cfg.num_heads * num_tokens**2 * cfg.inner_dim // cfg.num_heads
-    assert counter.get_total_flops() == expected
+        steps["baseline"]()
+    assert counter.get_total_flops() == ds.step_flops(models["baseline"], batch_size=2)
 
 
 def test_step_updates_every_trainable_parameter() -> None:
-    system, _, model, _ = ds.build_runners(toy_step(), CPU)
-    before = [p.detach().clone() for p in model.trainable_parameters()]
-    system.step()
-    assert all(not torch.equal(b, p) for b, p in zip(before, model.trainable_parameters(), strict=True))
+    steps, models = ds.build_steps(toy_step(), CPU)
+    for side, model in models.items():
+        before = [p.detach().clone() for p in model.trainable_parameters()]
+        steps[side]()
+        assert all(not torch.equal(b, p) for b, p in zip(before, model.trainable_parameters(), strict=True))
 
 
-def test_a_setting_too_big_for_the_machine_is_an_error_entry_not_an_abort() -> None:
-    too_big = ds.StepSetting("paper", batch_size=4096)
-    with pytest.raises(MemoryError, match="GiB"):
-        ds.run_setting(too_big, CPU)
-    results = ds.run(quick=False, device=CPU, settings=[too_big, toy_step()], peak_size=PEAK_SIZE)
-    assert [r["name"] for r in results] == ["decoder_step/paper/b4096/fp32/attn_drop0.3",
-                                            "decoder_step/custom/b2/fp32/attn_drop0.3",
-                                            "decoder_step/custom/b2/fp32/attn_drop0.3/fraction_of_peak"]
-    assert "MemoryError" in results[0]["error"] and results[0]["passed"] is False
+def test_a_setting_that_fails_is_an_error_entry_not_an_abort(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = ds.run_setting
+
+    def failing(setting: ds.StepSetting, device: torch.device, peak_size: int | None = None) -> list[dict]:
+        if setting.batch_size == 4096:
+            raise RuntimeError("out of memory")
+        return real(setting, device, peak_size)
+
+    monkeypatch.setattr(ds, "run_setting", failing)
+    results = ds.run(quick=False, device=CPU, settings=[toy_step(batch_size=4096), toy_step()], peak_size=PEAK_SIZE)
+    assert results[0]["name"] == "decoder_step/custom/b4096/fp32/attn_drop0.3"
+    assert "out of memory" in results[0]["error"] and results[0]["passed"] is False
+    assert results[1]["name"] == "decoder_step/custom/b2/fp32/attn_drop0.3"
     normalized = common.normalize_result(results[0], "decoder_step")
     assert normalized["ratio"] is None and normalized["passed"] is False
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_settings_measure_both_presets_at_the_targets_shape(device: str) -> None:
+    full = ds.full_settings(torch.device(device))
+    assert {(s.decoder, s.batch_size) for s in full} == {("official", 16), ("paper", 16)}
+    assert {s.decoder_cfg().attn_drop for s in full} == {0.0, 0.3}  # fused and as trained
+    assert {s.decoder for s in ds.QUICK} == {"official", "paper"} and all(s.rounds >= 2 for s in ds.QUICK)
+    cfg = ds.QUICK[0].model_config().encoder_cfg()
+    assert (cfg.num_tokens, cfg.embed_dim) == (1568, 1024)
 
 
 def test_encoder_runs_and_matches_its_baseline() -> None:
@@ -228,21 +150,15 @@ def test_encoder_runs_and_matches_its_baseline() -> None:
         torch.testing.assert_close(enc(video), be.baseline_encode(enc, video), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("retain", [False, True])
-def test_peak_memory_sees_a_large_allocation_whatever_the_heap_policy(retain: bool) -> None:
-    common.heap_retention(retain)
-    try:
-        for _ in range(2):  # the second time, a retained heap already holds the pages
-            with common.PeakMemory(CPU) as probe:
-                block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-                time.sleep(0.05)  # a step's activation peak lasts far longer than the sampling interval
-                del block
-            if probe.method == "none":
-                pytest.skip("no way to read process memory on this platform")
-            assert 60 * 2**20 <= probe.peak_bytes < 80 * 2**20
-    finally:
-        common.heap_retention(False)
-        common.release_heap()
+def test_peak_memory_sees_a_large_allocation() -> None:
+    for _ in range(2):  # the second time, malloc may already hold the pages
+        with common.PeakMemory(CPU) as probe:
+            block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+            time.sleep(0.05)  # a step's activation peak lasts far longer than the sampling interval
+            del block
+        if probe.method == "none":
+            pytest.skip("no way to read process memory on this platform")
+        assert 60 * 2**20 <= probe.peak_bytes < 80 * 2**20
 
 
 def test_normalize_result_rejects_malformed() -> None:
@@ -329,58 +245,3 @@ def test_cli_bench_and_module_entry_point_share_run_all(fake_suite: list[bool], 
     assert "ERROR  fake_bad" in capsys.readouterr().out
     assert fake_suite == [True]
     assert cli_main(["bench", "--only", "nope", "--out", str(tmp_path)]) == 2
-
-
-# The performance changes in model/ must not change what the model computes.
-
-
-def test_fast_cpu_dropout_has_dropout_semantics() -> None:
-    from model.decoder import Dropout
-    from model.dropout import drop_threshold
-
-    torch.manual_seed(0)
-    drop = Dropout(0.3)
-    _, p_used = drop_threshold(0.3)
-    assert abs(p_used - 0.3) < 2**-16
-    x = (torch.rand(1_000_000) + 1.0).requires_grad_()
-    y = drop(x)
-    kept = y != 0
-    assert abs(1.0 - kept.float().mean().item() - 0.3) < 0.003
-    torch.testing.assert_close(y[kept], x[kept] / (1 - p_used))
-    y.backward(torch.ones_like(y))
-    torch.testing.assert_close(x.grad, kept.float() / (1 - p_used))
-    xb = x.detach().bfloat16().requires_grad_()
-    yb = drop(xb)
-    assert yb.dtype == torch.bfloat16
-    kept = yb != 0
-    assert abs(1.0 - kept.float().mean().item() - 0.3) < 0.003
-    torch.testing.assert_close(yb[kept], (xb[kept].float() / (1 - p_used)).bfloat16())  # scaled, rounded once
-    yb.backward(torch.ones_like(yb))
-    assert xb.grad.dtype == torch.bfloat16
-    assert drop.eval()(x) is x
-    inplace = Dropout(0.5, inplace=True).train()
-    z = torch.ones(1000)
-    assert inplace(z) is z and set(z.unique().tolist()) <= {0.0, 2.0}
-
-
-def test_model_gradients_equal_the_eager_baselines_without_dropout() -> None:
-    dec = DecoderConfig(embed_dim=16, depth=2, num_heads=2, head_dim=8, drop_rate=0.0, attn_drop=0.0,
-                        input_dropout=0.0)
-    system, baseline, model, _ = ds.build_runners(toy_step(decoder=dec), CPU)
-    grads = []
-    for runner in (system, baseline):
-        runner.model.heads.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
-        runner.loss_fn(runner.forward(runner.tokens), runner.batch)["loss"].backward()
-        grads.append({n: p.grad for n, p in runner.model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_quick_mode_keeps_the_targets_shape() -> None:
-    first = ds.quick_settings()[0]
-    assert first.sides == ("system", "baseline") and not first.retain_heap
-    cfg = first.model_config()
-    assert (first.decoder, first.batch_size, cfg.encoder_cfg().num_tokens, cfg.encoder_cfg().embed_dim) == (
-        "official", 16, 1568, 1024)
-    assert {s.decoder for s in ds.quick_settings()} == {"official", "paper"}

@@ -7,9 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.datasets import (CREMA_D_EMOTIONS, DATASETS, MEAD_EMOTIONS, RAVDESS_EMOTIONS_7,
-                                   RAVDESS_EMOTIONS_8, ClipRecord, DatasetLayoutError, get_dataset,
-                                   records_to_frame)
+from orchestrator.data.datasets import (
+    CREMA_D_EMOTIONS,
+    DATASETS,
+    MEAD_EMOTIONS,
+    RAVDESS_EMOTIONS_7,
+    RAVDESS_EMOTIONS_8,
+    ClipRecord,
+    DatasetLayoutError,
+    get_dataset,
+    records_to_frame,
+)
 
 
 def touch(root: Path, *names: str) -> None:
@@ -89,7 +97,7 @@ def test_bad_names_are_listed_in_one_warning(tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture) -> None:
     touch(tmp_path, ravdess_name(2, 1, 3), "Actor_01/holiday.mp4", "Actor_01/02-01-99-01-01-01.mp4",
           "Actor_01/notes.txt")
-    with caplog.at_level(logging.WARNING, logger="orchestrator.datasets"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.data.datasets"):
         records = DATASETS["ravdess"].scan(tmp_path)
     assert len(records) == 1
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -10,12 +10,18 @@ import pandas as pd
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.data import load_manifest
-from orchestrator.datasets import DATASETS, RAVDESS_EMOTIONS_7
-from orchestrator.demo_data import (actor_style, class_motion, clip_name, generate_demo_dataset,
-                                    render_clip)
-from orchestrator.folds import check_folds, make_folds
-from orchestrator.preprocess import PreprocessSettings, make_clip_ids, run_preprocess
+from orchestrator.data.cache import load_manifest, make_clip_ids
+from orchestrator.data.datasets import DATASETS, RAVDESS_EMOTIONS_7
+from orchestrator.data.demo import (
+    actor_style,
+    class_motion,
+    clip_name,
+    generate_demo_dataset,
+    render_clip,
+)
+from orchestrator.data.folds import check_folds, make_folds
+from orchestrator.data.preprocess import run_preprocess
+from orchestrator.data.settings import PreprocessSettings
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator.folds import Fold, check_folds, load_split_file, make_folds
+from orchestrator.data.folds import Fold, check_folds, load_split_file, make_folds
 
 
 def manifest(num_subjects: int = 12, num_classes: int = 7, per_cell: int = 2) -> pd.DataFrame:

@@ -21,8 +21,7 @@ from model import (
     encoder_config,
     normalize_video,
 )
-from model.attention import ChunkedAttention, attention
-from model.decoder import ViTDecoder
+from model.decoder import CrossAttention, ViTDecoder
 
 T, S, K = 4, 32, 5
 
@@ -123,107 +122,45 @@ def test_vit_decoder_matches_algorithm_1() -> None:
     torch.testing.assert_close(dec(y, f), _reference_decoder(dec, y, f), atol=1e-5, rtol=1e-5)
 
 
-def _attention_and_grads(fn, q, k, v, grad):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(grad)
-    return [t.float() for t in (out.detach(), q.grad, k.grad, v.grad)]
+def _attention_and_grads(attn: CrossAttention, x: torch.Tensor, ctx: torch.Tensor, reference: bool
+                         ) -> list[torch.Tensor]:
+    """Output and input/weight gradients of ``attn``, or of softmax(q k^T / sqrt(d)) v on its weights."""
+    attn.zero_grad()
+    x, ctx = x.detach().clone().requires_grad_(), ctx.detach().clone().requires_grad_()
+    if reference:
+        B, N, _ = x.shape
+        h, d = attn.num_heads, attn.head_dim
+        q = attn.q(x).view(B, N, h, d).transpose(1, 2)
+        k, v = attn.kv(ctx).view(B, -1, 2, h, d).permute(2, 0, 3, 1, 4)
+        z = (q @ k.transpose(-2, -1) / math.sqrt(d)).softmax(-1) @ v
+        out = attn.proj(z.transpose(1, 2).reshape(B, N, h * d))
+    else:
+        out = attn(x, ctx)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    return [out.detach(), x.grad, ctx.grad] + [p.grad.clone() for p in attn.parameters()]
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 64])  # 11 queries: one, several and a ragged last block
-def test_chunked_attention_is_exact_attention(chunk: int) -> None:
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (11, 13, 13))
-    grad = torch.randn(2, 3, 11, 8, generator=g)
-    ours = _attention_and_grads(lambda *t: ChunkedAttention.apply(*t, chunk), q, k, v, grad)
-    ref = _attention_and_grads(lambda *t: F.softmax(t[0] @ t[1].transpose(-1, -2) / math.sqrt(8), -1) @ t[2],
-                               q, k, v, grad)
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("fused", [True, False])
+def test_cross_attention_is_softmax_attention_forward_and_backward(fused: bool) -> None:
+    torch.manual_seed(0)
+    attn = CrossAttention(decoder_config("official", embed_dim=24, num_heads=3, head_dim=10, attn_drop=0.3)).eval()
+    attn.fused_attn = fused  # the SDPA path and the eager path of benchmarks/decoder_step.py
+    x, ctx = torch.randn(2, 7, 24), torch.randn(2, 11, 24)
+    ours, ref = _attention_and_grads(attn, x, ctx, False), _attention_and_grads(attn, x, ctx, True)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [1, 100, 512, 513, 784, 1568, 3137])
-def test_even_chunk_splits_queries_into_equal_blocks_of_at_most_max_chunk(n: int) -> None:
-    from model.attention import MAX_CHUNK, even_chunk
-
-    chunk = even_chunk(n)
-    blocks = -(-n // chunk)
-    assert chunk <= MAX_CHUNK and blocks == -(-n // MAX_CHUNK)  # the fewest blocks
-    assert n - (blocks - 1) * chunk > chunk - blocks  # the last block is not ragged
-    assert even_chunk(1568) == 392
-
-
-def test_chunked_attention_dropout_is_dropout_of_the_probabilities() -> None:
-    from model.attention import _keep_mask
-
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (11, 13, 13))
-    grad = torch.randn(2, 3, 11, 8, generator=g)
-    chunk, p_drop, seed = 4, 0.3, 1234
-    masks = torch.cat([_keep_mask(torch.Size((2, 3, min(chunk, 11 - i), 13)), p_drop, seed + b, q.device)
-                       for b, i in enumerate(range(0, 11, chunk))], dim=2)
-    values = masks.unique().tolist()
-    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7, rel=1e-5)
-    ours = _attention_and_grads(lambda *t: ChunkedAttention.apply(*t, chunk, p_drop, seed), q, k, v, grad)
-    ref = _attention_and_grads(
-        lambda *t: (F.softmax(t[0] @ t[1].transpose(-1, -2) / math.sqrt(8), -1) * masks) @ t[2], q, k, v, grad)
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def test_bf16_chunked_attention_with_dropout_stays_close_to_float32() -> None:
-    """bf16 with dropout: the same keep masks as float32, so only bf16 rounding differs."""
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
-    grad = torch.randn(1, 2, 300, 16, generator=g)
-    run = lambda *t: ChunkedAttention.apply(*t, 64, 0.3, 99)  # noqa: E731
-    ref = _attention_and_grads(run, q, k, v, grad)
-    ours = _attention_and_grads(run, *(t.bfloat16() for t in (q, k, v, grad)))
-    for a, b in zip(ours, ref):
-        assert ((a - b).norm() / b.norm()).item() < 0.02
-
-
-@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
-def test_keep_mask_drops_each_element_independently_with_probability_p(p: float) -> None:
-    from model.dropout import keep_mask
-
-    mask = keep_mask((4000, 256), p, torch.Generator().manual_seed(0))
-    values = mask.unique().tolist()
-    assert mask.dtype == torch.float32 and len(values) == 2 and values[0] == 0.0
-    assert values[1] == pytest.approx(1 / (1 - p), rel=1e-4)
-    dropped = (mask == 0).float()
-    # Every int16 lane of the 64-bit draws (elements 4i, 4i+1, ...) is uniform, not only some of them.
-    for lane in range(4):
-        assert abs(dropped.flatten()[lane::4].mean().item() - p) < 0.006
-    assert abs(mask.mean().item() - 1.0) < 0.01  # kept elements are rescaled: expectation 1
-    again = keep_mask((4000, 256), p, torch.Generator().manual_seed(0))
-    assert torch.equal(mask, again)
-
-
-def test_cpu_attention_dropout_is_drawn_from_the_global_rng() -> None:
-    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
-    torch.manual_seed(7)
-    a = attention(q, k, v, dropout_p=0.3)
-    torch.manual_seed(7)
-    b = attention(q, k, v, dropout_p=0.3)
-    c = attention(q, k, v, dropout_p=0.3)
-    torch.testing.assert_close(a, b)
-    assert not torch.allclose(a, c)
-    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
-
-
-def test_bf16_attention_on_cpu_takes_the_chunked_path_and_stays_close() -> None:
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
-    grad = torch.randn(1, 2, 300, 16, generator=g)
-    ref = _attention_and_grads(attention, q, k, v, grad)  # float32: the fused SDPA kernel
-    bf16 = [t.bfloat16() for t in (q, k, v, grad)]
-    ours = _attention_and_grads(attention, *bf16)
-    assert attention(*bf16[:3]).grad_fn is None  # no grad needed: no graph
-    with torch.enable_grad():
-        assert "ChunkedAttention" in type(attention(*(t.requires_grad_() for t in bf16[:3])).grad_fn).__name__
-    for a, b in zip(ours, ref):
-        assert ((a - b).norm() / b.norm()).item() < 0.02  # bf16 rounding, not a different function
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_dropout_acts_in_training_only(fused: bool) -> None:
+    torch.manual_seed(0)
+    attn = CrossAttention(decoder_config("official", embed_dim=24, num_heads=3, head_dim=10, attn_drop=0.3))
+    attn.fused_attn = fused
+    x, ctx = torch.randn(2, 7, 24), torch.randn(2, 11, 24)
+    train_a, train_b = attn.train()(x, ctx), attn(x, ctx)
+    eval_a, eval_b = attn.eval()(x, ctx), attn(x, ctx)
+    assert torch.equal(eval_a, eval_b), "eval mode must be deterministic"
+    assert not torch.allclose(train_a, eval_a) and not torch.allclose(train_a, train_b)
 
 
 def _largest_allocation(step) -> int:
@@ -235,14 +172,13 @@ def _largest_allocation(step) -> int:
     return max((e.cpu_memory_usage for e in prof.events()), default=0)
 
 
-@pytest.mark.parametrize(("bf16", "attn_drop"), [(False, 0.0), (True, 0.0), (False, 0.3), (True, 0.3)])
-def test_decoder_step_never_materialises_the_attention_matrix(bf16: bool, attn_drop: float) -> None:
-    """Fused SDPA (fp32) and the chunked path (bf16, or attention dropout) hold no (B, h, N, N)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_decoder_step_never_materialises_the_attention_matrix(bf16: bool) -> None:
+    """Without attention dropout, SDPA's fused CPU kernel (float32 and bf16) holds no (B, h, N, N)
     block in a training step; the eager one does."""
     torch.manual_seed(0)
-    n, heads = 4096, 2  # query blocks of 512 rows: 1/8 of the matrix
-    dec = ViTDecoder(decoder_config("official", embed_dim=16, num_heads=heads, head_dim=8, depth=1,
-                                    attn_drop=attn_drop))
+    n, heads = 4096, 2  # one (h, N, N) float32 block: 128 MiB, far above anything else in the step
+    dec = ViTDecoder(decoder_config("official", embed_dim=16, num_heads=heads, head_dim=8, depth=1, attn_drop=0.0))
     y, f = torch.randn(1, n, 16), torch.randn(1, n, 16)
     full = heads * n * n * 4  # one layer's float32 scores for the batch
 

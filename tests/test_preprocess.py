@@ -11,16 +11,31 @@ import pandas as pd
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from videos import (face_frames, make_broken_link, make_corrupt, make_text_file, make_truncated,
-                    make_zero_byte, write_frames, write_gradient_video)
+from videos import (
+    face_frames,
+    make_broken_link,
+    make_corrupt,
+    make_text_file,
+    make_truncated,
+    make_zero_byte,
+    write_frames,
+    write_gradient_video,
+)
 
-from orchestrator import preprocess as pp
 from orchestrator.cli import main
-from orchestrator.data import ClipDataset, cache_class_names, load_manifest
-from orchestrator.faces import FaceDetector, select_faces
-from orchestrator.preprocess import (JOURNAL_FILE, MANIFEST_COLUMNS, CacheSettingsError,
-                                     PreprocessSettings, run_preprocess)
-from orchestrator.video import read_clip, resize_frames, sample_indices
+from orchestrator.data import preprocess as pp
+from orchestrator.data.cache import (
+    JOURNAL_FILE,
+    MANIFEST_COLUMNS,
+    CacheSettingsError,
+    ClipDataset,
+    cache_class_names,
+    load_manifest,
+)
+from orchestrator.data.faces import FaceDetector, select_faces
+from orchestrator.data.preprocess import run_preprocess
+from orchestrator.data.settings import PreprocessSettings
+from orchestrator.data.video import read_clip, resize_frames, sample_indices
 
 SMALL = PreprocessSettings(size=64, keep_faceless=True)
 

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.data import load_manifest
-from orchestrator.datasets import CREMA_D_EMOTIONS, DATASETS, ClipRecord
-from orchestrator.faces import get_detector
-from orchestrator.preprocess import PreprocessSettings, process_clips, run_preprocess
-from orchestrator.video import read_clip
+from orchestrator.data.cache import load_manifest
+from orchestrator.data.datasets import CREMA_D_EMOTIONS, DATASETS, ClipRecord
+from orchestrator.data.faces import get_detector
+from orchestrator.data.preprocess import process_clips, run_preprocess
+from orchestrator.data.settings import PreprocessSettings
+from orchestrator.data.video import read_clip
 
 pytestmark = pytest.mark.slow
 

@@ -21,15 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.trial.config import TrialConfig
+
 TESTS_DIR = Path(__file__).resolve().parent
-FAKE_KEYS = frozenset({
-    "dataset", "arch", "fold", "n_folds", "seed", "cache_dir", "encoder", "encoder_checkpoint",
-    "freeze_encoder", "use_pos_embed", "decoder", "decoder_depth", "decoder_heads", "decoder_dim",
-    "decoder_head_dim", "decoder_mlp_ratio", "decoder_dropout", "head_dropout", "w_box", "w_landmark",
-    "w_expr", "lr", "weight_decay", "batch_size", "epochs", "early_stop_patience", "lr_patience",
-    "lr_factor", "precision", "feature_cache", "num_workers", "cpu_heap", "sweep", "stage", "tracking_uri",
-    "experiment", "parent_run_id", "trial_key",
-})
+FAKE_KEYS = frozenset(TrialConfig.model_fields)
 EPOCHS = 3
 
 SPACE = """\
@@ -148,10 +143,10 @@ def _setup(root: Path, crash: dict | None = None) -> tuple[Path, Path]:
 
 
 def _sweep(space_file: Path, root: Path, **kwargs):
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.run import run_sweep
 
     kwargs.setdefault("progress_interval_s", 1.0)
-    return run_sweep(space_file, out=root / "out", trainable=fake_trial, write_tables=False, **kwargs)
+    return run_sweep(space_file, out=root / "out", trainable=fake_trial, **kwargs)
 
 
 def _calls(channel: Path) -> list[dict]:
@@ -262,7 +257,7 @@ def test_crashed_trial_is_retried_from_its_checkpoint(smoke) -> None:
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(ray_local, tmp_path: Path) -> None:
-    from orchestrator.sweep import SweepInterrupted
+    from orchestrator.sweep.errors import SweepInterrupted
 
     # Ctrl+C (SIGINT to this process, the driver) while search trial (cascaded_vit, fold 1) is in
     # epoch 1: the stl group has finished, the cascaded_vit group is part-way.
@@ -343,7 +338,8 @@ def test_grid_without_search_runs_only_the_final_cv(ray_local, tmp_path: Path) -
 
 @pytest.mark.slow
 def test_changed_space_under_the_same_name_is_refused(ray_local, tmp_path: Path) -> None:
-    from orchestrator.sweep import SweepError, run_sweep
+    from orchestrator.sweep.errors import SweepError
+    from orchestrator.sweep.run import run_sweep
 
     space_file, _ = _setup(tmp_path)
     sweep_dir = tmp_path / "out" / "sweeps" / "fake"
@@ -354,14 +350,16 @@ def test_changed_space_under_the_same_name_is_refused(ray_local, tmp_path: Path)
 
 
 def test_resume_of_an_unknown_sweep_is_refused(tmp_path: Path) -> None:
-    from orchestrator.sweep import SweepError, run_sweep
+    from orchestrator.sweep.errors import SweepError
+    from orchestrator.sweep.run import run_sweep
 
     with pytest.raises(SweepError, match="no sweep named 'nope'"):
         run_sweep(None, out=tmp_path, name="nope", resume=True)
 
 
 def test_missing_cache_is_reported_before_anything_runs(tmp_path: Path) -> None:
-    from orchestrator.sweep import SweepError, run_sweep
+    from orchestrator.sweep.errors import SweepError
+    from orchestrator.sweep.run import run_sweep
 
     space_file = tmp_path / "fake.yaml"
     space_file.write_text(SPACE)
@@ -370,8 +368,8 @@ def test_missing_cache_is_reported_before_anything_runs(tmp_path: Path) -> None:
 
 
 def test_trial_config_holds_only_trainable_keys(tmp_path: Path) -> None:
-    from orchestrator.search_space import load_search_space
-    from orchestrator.cell import CellContext
+    from orchestrator.sweep.cell import CellContext
+    from orchestrator.sweep.space_file import load_search_space
 
     space_file = tmp_path / "fake.yaml"
     space_file.write_text(SPACE)
@@ -389,7 +387,7 @@ def test_trial_config_holds_only_trainable_keys(tmp_path: Path) -> None:
 
 
 def test_group_seeds_differ_and_are_stable() -> None:
-    from orchestrator.searcher import group_seed
+    from orchestrator.sweep.searcher import group_seed
 
     seeds = {group_seed(0, d, a) for d in ("ravdess", "mead") for a in ("stl", "cascaded_vit")}
     assert len(seeds) == 4 and group_seed(0, "mead", "stl") == group_seed(0, "mead", "stl")
@@ -420,7 +418,7 @@ def test_asha_prunes_stopped_configurations_within_a_group(ray_local, tmp_path: 
 def test_progress_view_counts_statuses_and_best_mean_per_group() -> None:
     from types import SimpleNamespace
 
-    from orchestrator.progress import SweepProgress
+    from orchestrator.sweep.progress import SweepProgress
 
     def trial(arch: str, status: str, index: int, fold: int, best: float) -> SimpleNamespace:
         config = {"dataset": "demo", "arch": arch, "fold": fold, "config_index": index}
@@ -438,7 +436,7 @@ def test_progress_view_counts_statuses_and_best_mean_per_group() -> None:
 
 
 def test_autoscaler_gpu_detection_reads_the_launcher_config(tmp_path: Path) -> None:
-    from orchestrator.sweep import _autoscaler_offers_gpus
+    from orchestrator.sweep.cluster import _autoscaler_offers_gpus
 
     config = tmp_path / "ray_bootstrap_config.yaml"
     assert not _autoscaler_offers_gpus(config)
@@ -450,7 +448,7 @@ def test_autoscaler_gpu_detection_reads_the_launcher_config(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["sweep", "{space}"], "archs[1]: unknown value 'cascade_vit'"),
+    (["sweep", "{space}"], "archs[1]: Input should be"),
     (["sweep", "--resume", "nothing-here"], "no sweep named 'nothing-here'"),
     (["sweep"], "give a search space file"),
 ])
@@ -463,3 +461,23 @@ def test_cli_reports_bad_input_without_scheduling(tmp_path: Path, capsys: pytest
     code = main([a.format(space=space_file) for a in argv] + ["--out", str(tmp_path / "out")])
     assert code == 2
     assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("encoder, size, fits", [
+    ("lgi_former_base", 160, True), ("lgi_former_base", 224, False), ("lgi_former_base", 64, False),
+    ("tiny", 64, True),
+])
+def test_an_encoder_that_cannot_take_the_frames_fails_before_scheduling(
+        tmp_path: Path, encoder: str, size: int, fits: bool) -> None:
+    from orchestrator.sweep.caches import check_encoders_fit
+    from orchestrator.sweep.errors import SweepError
+    from orchestrator.sweep.space_file import load_search_space
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(SPACE.replace("encoder: tiny", f"encoder: {encoder}") + f"preprocess: {{size: {size}}}\n")
+    space = load_search_space(space_file)
+    if fits:
+        check_encoders_fit(space, tmp_path / "cache", data_root=tmp_path)
+    else:
+        with pytest.raises(SweepError, match=f"encoder '{encoder}' does not fit dataset 'demo' at 16 frames of {size} px"):
+            check_encoders_fit(space, tmp_path / "cache", data_root=tmp_path)

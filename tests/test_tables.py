@@ -1,4 +1,4 @@
-"""orchestrator.tables on runs with known metrics written to a real MLflow SQLite store."""
+"""orchestrator.report.tables on runs with known metrics written to a real MLflow SQLite store."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 from PIL import Image
 from scipy import stats
 
-from orchestrator import results, tables
 from orchestrator.cli import main
+from orchestrator.report import export, render, results, tables
 from orchestrator.tracking import (
     TrialLogger,
     default_tracking_uri,
@@ -155,7 +155,7 @@ def test_table1_paper_columns_delta_and_bold(loaded):
     assert _cell(t1, ("Fully Shared", "MLP"), ("demo", "UAR")) == ("—", "")  # not run on demo
     assert _cell(t1, cascaded, ("demo", "UAR paper"))[0] == "n/a"
     assert _cell(t1, cascaded, ("demo", "ΔWAR"))[0] == "n/a"
-    markdown = tables.to_markdown(t1)
+    markdown = render.to_markdown(t1)
     assert f"**{text}**" in markdown and "**82.73**" in markdown
     assert "| MTL Type | Decoder | RAVDESS UAR | RAVDESS UAR paper |" in markdown
     data = t1.data.set_index(["dataset", "arch"])
@@ -237,7 +237,7 @@ def _latex_body(tex: str) -> list[str]:
 
 
 def test_exports_and_parent_artifacts(store, tmp_path):
-    report = tables.make_tables(store["uri"], EXPERIMENT, sweep=SWEEP, stage="cv",
+    report = export.make_tables(store["uri"], EXPERIMENT, sweep=SWEEP, stage="cv",
                                 export_dir=tmp_path, formats="all", compare=("shared_mlp", "stl"))
     names = {p.name for p in report.files}
     for stem in ("table1", "table2_ravdess", "comparison_demo", "recall_ravdess",
@@ -275,17 +275,17 @@ def test_exports_and_parent_artifacts(store, tmp_path):
 
 
 def test_make_tables_without_parent_or_runs(store, tmp_path):
-    report = tables.make_tables(store["uri"], EXPERIMENT, stage="cv", export_dir=None,
+    report = export.make_tables(store["uri"], EXPERIMENT, stage="cv", export_dir=None,
                                 log_artifacts=False)
     assert report.files == [] and report.parent_run_id is None
     with pytest.raises(LookupError, match="no trial runs"):
-        tables.make_tables(store["uri"], EXPERIMENT, sweep="absent", export_dir=tmp_path)
+        export.make_tables(store["uri"], EXPERIMENT, sweep="absent", export_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="no MLflow store"):
         results.load_runs(default_tracking_uri(tmp_path / "empty"))
     with pytest.raises(ValueError, match="unknown format"):
-        tables.parse_formats("md,docx")
-    assert tables.parse_formats("all") == tables.FORMATS
-    assert tables.parse_formats("tex,md") == ("latex", "md")
+        export.parse_formats("md,docx")
+    assert export.parse_formats("all") == export.FORMATS
+    assert export.parse_formats("tex,md") == ("latex", "md")
 
 
 def test_cli_table_prints_and_exports(store, tmp_path, capsys, monkeypatch):
@@ -313,7 +313,7 @@ def test_cli_table_help_lists_options(capsys):
 
 
 def test_latex_escape():
-    assert tables.latex_escape("a_b & 50% ± Δ") == r"a\_b \& 50\% $\pm$ $\Delta$"
+    assert render.latex_escape("a_b & 50% ± Δ") == r"a\_b \& 50\% $\pm$ $\Delta$"
 
 
 def test_selection_prefers_best_val_uar_over_last_val_uar():

@@ -16,7 +16,6 @@ from PIL import Image
 from orchestrator import tracking
 from orchestrator.tracking import (
     TrialLogger,
-    config_hash,
     default_tracking_uri,
     ensure_experiment,
     get_or_create_run,
@@ -173,15 +172,6 @@ def test_log_final_rejects_bad_predictions(store):
         logger.log_final({}, [0, 1], [0], CLASSES, ["a", "b"])
     with pytest.raises(ValueError, match="outside"):
         logger.log_final({}, [0, 3], [0, 1], CLASSES, ["a", "b"])
-
-
-def test_config_hash_ignores_fold_only():
-    base = {"dataset": "ravdess", "arch": "stl", "lr": 1e-3, "fold": 0, "seed": 0}
-    same = dict(reversed(list({**base, "fold": 4}.items())))
-    assert config_hash(base) == config_hash(same)
-    assert len(config_hash(base)) == 12
-    assert config_hash(base) != config_hash({**base, "seed": 1})
-    assert config_hash(base) != config_hash({**base, "lr": 1e-4})
 
 
 def test_recall_metric_name_sanitises():

@@ -1,4 +1,4 @@
-"""orchestrator/trainable.py on a generated tiny cache: config, loop, resume, feature cache, MLflow, Tune."""
+"""orchestrator/trial/loop.py on a generated tiny cache: config, loop, resume, feature cache, MLflow, Tune."""
 
 from __future__ import annotations
 
@@ -9,11 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from cache_fixture import TinyCache, write_tiny_cache
-from orchestrator import cpu_heap
-from orchestrator import trainable as tr
-from orchestrator.trainable import EPOCH_METRICS, FINAL_METRICS, TrialConfig, run_trial
+
+from orchestrator.cli import main
+from orchestrator.trial import checkpoint as ckpt_io
+from orchestrator.trial import data as td
+from orchestrator.trial.config import TRACKING_KEYS, TrialConfig, TrialConfigError
+from orchestrator.trial.device import resolve_precision
+from orchestrator.trial.entrypoints import train_trial
+from orchestrator.trial.loop import (
+    EPOCH_METRICS,
+    FINAL_METRICS,
+    EarlyStopping,
+    Trial,
+    model_config,
+    run_trial,
+)
 
 # 32 px x 16 frames -> 8 x 2 x 2 = 32 tokens; 6 subjects -> 3 folds of 2 test / 1 val / 3 train subjects.
 TINY = dict(dataset="demo", encoder="tiny", decoder="official", decoder_dim=16, decoder_head_dim=8,
@@ -43,7 +54,7 @@ class Collect:
         self.reports: list[dict[str, float]] = []
 
     def __call__(self, metrics: dict[str, float], checkpoint: Path) -> None:
-        assert (checkpoint / tr.CHECKPOINT_FILE).is_file()
+        assert (checkpoint / ckpt_io.CHECKPOINT_FILE).is_file()
         self.reports.append(dict(metrics))
 
 
@@ -56,8 +67,15 @@ def deterministic(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def test_unknown_key_is_an_error_naming_it() -> None:
-    with pytest.raises(ValueError, match="'learning_rate'"):
+    with pytest.raises(TrialConfigError, match="learning_rate: unknown key"):
         TrialConfig.from_flat({"learning_rate": 0.1})
+
+
+def test_every_problem_of_a_config_is_reported_at_once() -> None:
+    with pytest.raises(TrialConfigError) as err:
+        TrialConfig.from_flat({"arch": "resnet", "lr": -1, "epochs": 0, "decoder_depth": 0, "bogus": 1})
+    assert [key for key, _ in err.value.problems] == ["arch", "decoder_depth", "lr", "epochs", "bogus"]
+    assert "5 problem(s)" in str(err.value) and "greater than 0 (got -1)" in str(err.value)
 
 
 def test_defaults_follow_the_paper_and_the_released_code() -> None:
@@ -95,13 +113,13 @@ def test_config_hash_ignores_fold_and_runtime_keys() -> None:
 
 def test_model_config_applies_decoder_overrides() -> None:
     cfg = TrialConfig.from_flat({"decoder": "official", "decoder_depth": 2, "decoder_dropout": 0.1})
-    dec = cfg.model_config(7, 16, 224).decoder_cfg()
+    dec = model_config(cfg, 7, 16, 224).decoder_cfg()
     assert (dec.depth, dec.embed_dim, dec.drop_rate, dec.attn_drop, dec.input_dropout) == (2, 256, 0.1, 0.1, 0.1)
 
 
 def test_official_fidelity_switches_reach_the_model() -> None:
     cfg = TrialConfig.from_flat({"head_order": "pool_norm", "normalization": "official", "use_pos_embed": False})
-    mcfg = cfg.model_config(num_classes=7, num_frames=16, img_size=224)
+    mcfg = model_config(cfg, num_classes=7, num_frames=16, img_size=224)
     assert (mcfg.head_order, mcfg.use_pos_embed) == ("pool_norm", False)
     assert mcfg.norm_stats()[1] == (0.225, 0.225, 0.225)
     with pytest.raises(ValueError, match="normalization"):
@@ -110,9 +128,9 @@ def test_official_fidelity_switches_reach_the_model() -> None:
 
 def test_fp16_needs_cuda() -> None:
     with pytest.raises(ValueError, match="fp16"):
-        tr.resolve_precision("fp16", torch.device("cpu"))
-    assert tr.resolve_precision("auto", torch.device("cpu")) is None
-    assert tr.resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cpu")) is None
+    assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -120,9 +138,9 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(native: bool, monkeypatch
                                                        caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    with caplog.at_level("WARNING", logger="orchestrator.trainable"):
-        assert tr.resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
-        tr.resolve_precision("fp32", torch.device("cpu"))
+    with caplog.at_level("WARNING", logger="orchestrator.trial.loop"):
+        assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+        resolve_precision("fp32", torch.device("cpu"))
     assert ("AVX512-BF16" in caplog.text) is not native
 
 
@@ -131,13 +149,13 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(native: bool, monkeypatch
 
 
 def test_early_stopping_follows_keras_semantics() -> None:
-    stop = tr.EarlyStopping(patience=2)
+    stop = EarlyStopping(patience=2)
     assert [stop.update(v, e) for e, v in enumerate([0.5, 0.6, 0.6, 0.55])] == [True, True, False, False]
     assert stop.stopped and (stop.best, stop.best_epoch) == (0.6, 1), "ties keep the first best epoch"
 
 
 def test_lr_drops_after_lr_patience_bad_epochs(cache: TinyCache) -> None:
-    trial = tr.Trial(config(cache, lr_patience=2, feature_cache="off"), tr.load_trial_data(config(cache)))
+    trial = Trial(config(cache, lr_patience=2, feature_cache="off"), td.load_trial_data(config(cache)))
     lrs = []
     for loss in [1.0, 1.0, 1.0, 1.0, 1.0]:
         trial.scheduler.step(loss)
@@ -146,9 +164,9 @@ def test_lr_drops_after_lr_patience_bad_epochs(cache: TinyCache) -> None:
 
 
 def test_epoch_batches_depend_only_on_seed_and_epoch() -> None:
-    a = tr.epoch_batches(10, 4, seed=0, epoch=3)
-    assert a == tr.epoch_batches(10, 4, seed=0, epoch=3)
-    assert a != tr.epoch_batches(10, 4, seed=0, epoch=4)
+    a = td.epoch_batches(10, 4, seed=0, epoch=3)
+    assert a == td.epoch_batches(10, 4, seed=0, epoch=3)
+    assert a != td.epoch_batches(10, 4, seed=0, epoch=4)
     assert sorted(i for b in a for i in b) == list(range(10)) and [len(b) for b in a] == [4, 4, 2]
 
 
@@ -169,36 +187,9 @@ def test_one_epoch_reports_every_metric(cache: TinyCache) -> None:
         assert 0.0 <= final[name] <= 1.0
 
 
-def test_bf16_on_cpu_trains_through_the_chunked_attention(cache: TinyCache, monkeypatch: pytest.MonkeyPatch) -> None:
-    from model import attention as attn
-
-    calls = []
-    real = attn.ChunkedAttention.apply
-    monkeypatch.setattr(attn.ChunkedAttention, "apply", lambda *a: calls.append(a[0].dtype) or real(*a))
+def test_bf16_on_cpu_trains(cache: TinyCache) -> None:
     final = run_trial(config(cache, epochs=1, precision="bf16", decoder_dropout=0.0))
-    assert calls and set(calls) == {torch.bfloat16}
     assert all(math.isfinite(v) for v in final.values())
-
-
-@pytest.mark.skipif(cpu_heap.mmapped_bytes() is None, reason="needs glibc (mallopt, mallinfo2)")
-@pytest.mark.parametrize("policy", ["retain", "default"])
-def test_cpu_trials_keep_freed_memory_for_reuse(cache: TinyCache, policy: str) -> None:
-    def new_mmaps() -> int:  # what a block larger than all free heap memory adds to own-mmap blocks
-        size = cpu_heap.free_heap_bytes() + 64 * 2**20
-        before = cpu_heap.mmapped_bytes()
-        block = torch.ones(size, dtype=torch.uint8)
-        grown = cpu_heap.mmapped_bytes() - before
-        del block
-        return grown
-
-    during: list[int] = []
-    run_trial(config(cache, epochs=1, cpu_heap=policy), lambda metrics, ckpt: during.append(new_mmaps()))
-    assert len(during) == 1
-    if policy == "retain":
-        assert during[0] == 0  # served from the retained heap
-    else:
-        assert during[0] >= 64 * 2**20  # glibc's default: a fresh mmap, page-faulted anew
-    assert new_mmaps() >= 64 * 2**20  # the trial handed glibc's default policy back
 
 
 @pytest.mark.parametrize("arch", ["stl", "shared_mlp"])
@@ -247,7 +238,7 @@ def test_resumed_run_ends_with_the_same_metrics(cache: TinyCache, tmp_path: Path
 
 
 def test_resume_refuses_another_config(cache: TinyCache, tmp_path: Path) -> None:
-    run_trial(config(cache, epochs=1), tr.directory_reporter(tmp_path))
+    run_trial(config(cache, epochs=1), ckpt_io.directory_reporter(tmp_path))
     with pytest.raises(ValueError, match="lr"):
         run_trial(config(cache, epochs=1, lr=0.1), resume=tmp_path)
 
@@ -270,10 +261,10 @@ def test_cached_and_end_to_end_paths_agree(cache: TinyCache) -> None:
 
 
 def test_same_weights_give_the_same_predictions_on_both_paths(cache: TinyCache) -> None:
-    data = tr.load_trial_data(config(cache))
-    cached = tr.Trial(config(cache, feature_cache="on"), data)
-    e2e = tr.Trial(config(cache, feature_cache="off"), data)
-    assert isinstance(cached.source, tr.TokenSource) and isinstance(e2e.source, tr.VideoSource)
+    data = td.load_trial_data(config(cache))
+    cached = Trial(config(cache, feature_cache="on"), data)
+    e2e = Trial(config(cache, feature_cache="off"), data)
+    assert isinstance(cached.source, td.TokenSource) and isinstance(e2e.source, td.VideoSource)
     a, b = cached.evaluate("test"), e2e.evaluate("test")
     assert a.clip_ids == b.clip_ids and a.y_pred == b.y_pred
     assert a.losses() == pytest.approx(b.losses(), rel=1e-3)
@@ -282,11 +273,11 @@ def test_same_weights_give_the_same_predictions_on_both_paths(cache: TinyCache) 
 def test_feature_cache_is_shared_across_trials_and_keyed_by_encoder(tmp_path: Path) -> None:
     small = write_tiny_cache(tmp_path / "cache", num_subjects=3, clips_per_cell=1)
     for arch in ("cascaded_vit", "shared_mlp"):
-        tr.Trial(config(small, arch=arch), tr.load_trial_data(config(small)))
+        Trial(config(small, arch=arch), td.load_trial_data(config(small)))
     keys = list((small.root / "features").iterdir())
     assert len(keys) == 1, "same frozen encoder and cache -> one token set"
     assert len(list(keys[0].glob("*.npy"))) == len(small.clip_ids)
-    tr.Trial(config(small, seed=1), tr.load_trial_data(config(small)))
+    Trial(config(small, seed=1), td.load_trial_data(config(small)))
     assert len(list((small.root / "features").iterdir())) == 2, "another random encoder -> another key"
 
 
@@ -302,7 +293,7 @@ def test_mlflow_run_holds_exactly_the_expected_record(cache: TinyCache, tmp_path
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = config(cache, epochs=2, tracking_uri=uri, experiment="exp", sweep="s1", stage="cv")
-    run_trial(cfg, tr.directory_reporter(tmp_path / "ckpt"))
+    run_trial(cfg, ckpt_io.directory_reporter(tmp_path / "ckpt"))
     run_trial(cfg, resume=tmp_path / "ckpt")  # a resumed, already finished trial
     run_trial(cfg)  # a re-run from scratch of the same trial
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # set_tracking_uri exports it; restored afterwards
@@ -318,7 +309,7 @@ def test_mlflow_run_holds_exactly_the_expected_record(cache: TinyCache, tmp_path
                      "config_hash": cfg.config_hash, "trial_key": cfg.resolved_trial_key}
     assert {k: run[f"tags.{k}"] for k in expected_tags} == expected_tags
     params = {c[len("params."):] for c in runs.columns if c.startswith("params.")}
-    assert params == set(cfg.to_flat()) - tr.TRACKING_KEYS
+    assert params == set(cfg.to_flat()) - TRACKING_KEYS
     assert run["params.lr"] == "0.001" and run["params.n_folds"] == "3"
     metrics = {c[len("metrics."):] for c in runs.columns if c.startswith("metrics.")}
     recalls = {f"test_recall_{n}" for n in cache.class_names}
@@ -339,7 +330,7 @@ def test_train_trial_runs_inside_ray_tune(cache: TinyCache, tmp_path: Path) -> N
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tuner = tune.Tuner(
-            tr.train_trial,
+            train_trial,
             param_space={**TINY, "cache_dir": str(cache.root), "epochs": 2},
             run_config=tune.RunConfig(storage_path=str(tmp_path), name="t", verbose=0),
         )
@@ -350,7 +341,7 @@ def test_train_trial_runs_inside_ray_tune(cache: TinyCache, tmp_path: Path) -> N
     assert result.metrics["epoch"] == 1 and "test_uar" in result.metrics
     assert result.metrics["training_iteration"] == 2, "one report per epoch, the last one carries the test"
     with result.checkpoint.as_directory() as directory:
-        state = tr.load_checkpoint(directory)
+        state = ckpt_io.load_checkpoint(directory)
     assert state["epoch"] == 1 and not any(k.startswith("encoder.") for k in state["model"])
 
 
@@ -363,10 +354,23 @@ def test_cli_train_runs_one_fold(cache: TinyCache, tmp_path: Path) -> None:
     code = main(args)
     assert code == 0
     assert (out / "mlflow.db").is_file()
-    assert list(out.glob(f"checkpoints/*/{tr.CHECKPOINT_FILE}"))
+    assert list(out.glob(f"checkpoints/*/{ckpt_io.CHECKPOINT_FILE}"))
     assert main(args + ["--resume"]) == 0, "resuming a finished fold re-reports its test results"
     assert main(args + ["--set", "lr=0.5", "--resume"]) == 2, "a checkpoint of another config is refused"
     assert main(["train", "--cache", str(cache.root), "--set", "learning_rate=1", "--out", str(out)]) == 2
+
+
+def test_cli_train_runs_one_fold_on_the_lgi_former(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    small = write_tiny_cache(tmp_path / "cache", num_subjects=3, clips_per_cell=1)
+    args = ["train", "--cache", str(small.root), "--arch", "cascaded_vit", "--epochs", "1", "--set",
+            "encoder=lgi_former_tiny", "--set", "n_folds=3", "--set", "batch_size=4", "--set", "decoder_depth=1",
+            "--set", "decoder_dim=16", "--set", "decoder_head_dim=8", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(args) == 0 and "test_uar" in capsys.readouterr().out
+    (key,) = (small.root / "features").iterdir()
+    tokens = [np.load(f) for f in key.glob("*.npy")]
+    assert len(tokens) == len(small.clip_ids)
+    assert {t.shape for t in tokens} == {(8 * 2 * 2, 32)}  # 16 frames x 32 px -> 8x2x2 local tokens of 32
+    assert "region_size" in (key / "meta.json").read_text(), "the key holds the LGI-Former's geometry"
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,3 +403,26 @@ def test_grid_flops_count_encoder_passes() -> None:
     assert grid["flops_without_cache"] - grid["flops_with_cache"] == pytest.approx(enc * (6 * 5 * 26 - 10))
     stl = grid["per_clip"]["stl"]
     assert stl["decoder_step"] == 3 * stl["decoder_forward"], "STL has no projection: heads only"
+
+
+@pytest.mark.parametrize("encoder, warned", [("vit_base", True), ("tiny", False), ("lgi_former_tiny", False)])
+def test_a_gpu_sized_encoder_on_a_cpu_warns_with_an_estimate(cache: TinyCache, encoder: str, warned: bool,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(cache, encoder=encoder, epochs=1)
+    with caplog.at_level("WARNING", logger="orchestrator.trial.sizing"):
+        Trial(cfg, td.load_trial_data(cfg), torch.device("cpu"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "orchestrator.trial.sizing"]
+    assert bool(messages) is warned
+    if warned:
+        assert f"encoder={encoder} on a CPU" in messages[0] and "TFLOP" in messages[0] and "GB" in messages[0]
+
+
+def test_cost_estimate_scales_with_epochs_and_clips(cache: TinyCache) -> None:
+    from orchestrator.trial.sizing import estimate_cost
+
+    net = Trial(config(cache), td.load_trial_data(config(cache)), torch.device("cpu")).model
+    one = estimate_cost(net, {"train": 8, "val": 2, "test": 2}, 1, 4, feature_cache=False, rate=1e9)
+    two = estimate_cost(net, {"train": 8, "val": 2, "test": 2}, 2, 4, feature_cache=False, rate=1e9)
+    cached = estimate_cost(net, {"train": 8, "val": 2, "test": 2}, 2, 4, feature_cache=True, rate=1e9)
+    assert two.flops == pytest.approx(2 * one.flops) and cached.flops < two.flops
+    assert one.seconds == pytest.approx(one.flops / 1e9) and one.peak_bytes > 0

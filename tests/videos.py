@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.demo_data import (actor_style, background, class_motion, face_patch,
-                                    render_clip, write_video)
+from orchestrator.data.demo import (
+    actor_style,
+    background,
+    class_motion,
+    face_patch,
+    render_clip,
+    write_video,
+)
 
 REAL_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_videos"
 

@@ -1,0 +1,94 @@
+"""The sweep's trial wrapper: Tune config -> flat trial config -> trainable.
+
+Every sweep trial runs :func:`run_cell`, which Ray pickles by reference, so it stays a top-level
+function of this module. :class:`CellContext` carries what a trial needs besides its Tune config
+(sweep name, stage, fixed settings, chosen configurations, MLflow parents).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import vocab
+from orchestrator.hashing import stable_hash
+
+FINAL_MARKER = "test_uar"  # reported by the trainable only at the natural end of a trial
+_TUNE_KEYS = frozenset({"dataset", "arch", "fold", "config_index"})
+
+
+def group_key(dataset: str, arch: str) -> str:
+    """``"<dataset>__<arch>"``: the Optuna study name and the key of a group everywhere."""
+    return f"{dataset}__{arch}"
+
+
+@dataclass(frozen=True)
+class CellContext:
+    """Everything a trial needs besides its Tune config; shipped to workers once per Tuner.
+
+    Attributes:
+        trainable: The trial function (``train_trial(flat_config)``) or ``"module:function"``.
+        stage: ``"search"`` or ``"cv"``.
+        sweep: Sweep name.
+        n_folds: Number of CV folds of the data.
+        cache_root: Absolute folder holding ``<dataset>/`` preprocessing caches.
+        fixed: Fixed trial settings of the search space.
+        chosen: Group key -> chosen searched values (stage ``cv``).
+        tracking_uri: MLflow tracking URI every trial logs to.
+        experiment: MLflow experiment name.
+        group_runs: Group key -> MLflow run id of the group's parent run.
+    """
+
+    trainable: Callable[[dict], Any] | str
+    stage: str
+    sweep: str
+    n_folds: int
+    cache_root: str
+    fixed: Mapping[str, Any]
+    chosen: Mapping[str, Mapping[str, Any]]
+    tracking_uri: str
+    experiment: str
+    group_runs: Mapping[str, str]
+
+    def trial_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The flat trial config of one Tune trial (only keys the trainable accepts)."""
+        dataset, arch, fold = config["dataset"], config["arch"], int(config["fold"])
+        key = group_key(dataset, arch)
+        searched = {k: v for k, v in config.items() if k not in _TUNE_KEYS}
+        if self.stage == vocab.STAGE_CV:
+            searched = {**self.chosen.get(key, {}), **searched}
+        hyper = {**self.fixed, **searched}
+        digest = stable_hash({**hyper, "dataset": dataset, "arch": arch}, 8)
+        if self.stage == vocab.STAGE_SEARCH:
+            digest = f"c{int(config['config_index']):03d}-{digest}"
+        return {
+            **hyper,
+            "dataset": dataset, "arch": arch, "fold": fold, "n_folds": self.n_folds,
+            "cache_dir": str(Path(self.cache_root) / dataset),
+            "sweep": self.sweep, "stage": self.stage,
+            "tracking_uri": self.tracking_uri, "experiment": self.experiment,
+            "parent_run_id": self.group_runs.get(key),
+            "trial_key": f"{self.sweep}/{self.stage}/{dataset}/{arch}/{digest}/f{fold}",
+        }
+
+    def resolve_trainable(self) -> Callable[[dict], Any]:
+        """The trial function, importing it when given as ``"module:function"``."""
+        if callable(self.trainable):
+            return self.trainable
+        module, _, name = self.trainable.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def run_cell(config: dict, context: CellContext) -> None:
+    """Tune function trainable of every sweep trial: build the flat config, run the trainable.
+
+    The trainable reports to Tune itself (``tune.report`` per epoch, with a checkpoint) and resumes
+    from ``tune.get_checkpoint()``; this wrapper only adds the sweep's bookkeeping keys.
+    """
+    # One INFO line per checkpoint from Ray's storage layer would drown the trainable's own log.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    context.resolve_trainable()(context.trial_config(config))

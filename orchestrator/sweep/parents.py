@@ -1,0 +1,74 @@
+"""The MLflow parent runs of a sweep: one for the sweep, one nested run per (dataset, arch) group."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import vocab
+from orchestrator.sweep.cell import group_key
+from orchestrator.sweep.space import SweepSpace
+from orchestrator.sweep.state import SweepState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Parents:
+    experiment_id: str
+    sweep_run: str
+    group_runs: dict[str, str]
+
+
+def create_parent_runs(tracking_uri: str, experiment: str, sweep: str, space: SweepSpace) -> Parents:
+    """The experiment, the sweep's parent run and one nested run per group (all idempotent)."""
+    from orchestrator import tracking
+
+    experiment_id = tracking.ensure_experiment(tracking_uri, experiment)
+    sweep_run = tracking.get_or_create_run(
+        tracking_uri, experiment_id, key=f"{sweep}/sweep", run_name=sweep,
+        tags={"stage": vocab.STAGE_SWEEP, "sweep": sweep, "space": space.path.name},
+    )
+    groups = {}
+    for dataset, arch in space.groups():
+        groups[group_key(dataset, arch)] = tracking.get_or_create_run(
+            tracking_uri, experiment_id, key=f"{sweep}/group/{dataset}/{arch}",
+            run_name=f"{dataset}-{arch}", parent_run_id=sweep_run,
+            tags={"stage": vocab.STAGE_GROUP, "sweep": sweep, "dataset": dataset, "arch": arch},
+        )
+    return Parents(experiment_id, sweep_run, groups)
+
+
+def log_to_run(tracking_uri: str, run_id: str, params: Mapping[str, Any] = (),
+                metrics: Mapping[str, float] = (), status: str | None = None) -> None:
+    """Log params (skipping ones already set), metrics and a status on a parent run."""
+    from mlflow.entities import Metric, Param
+
+    from orchestrator import tracking
+
+    client = tracking.make_client(tracking_uri)
+    run = client.get_run(run_id)
+    new = [Param(str(k), str(v)[:6000]) for k, v in dict(params).items() if str(k) not in run.data.params]
+    now = int(time.time() * 1000)
+    values = [Metric(str(k), float(v), now, 0) for k, v in dict(metrics).items()]
+    if new or values:
+        client.log_batch(run_id, params=new, metrics=values)
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    elif status:
+        client.set_terminated(run_id, status=status)
+
+
+def start_parent_runs(tracking_uri: str, parents: Parents, space: SweepSpace, state: SweepState) -> None:
+    params = {"space": space.path.name, "datasets": ",".join(space.datasets),
+              "archs": ",".join(space.archs), "n_folds": space.n_folds,
+              "folds": ",".join(map(str, space.folds)), "metric": space.metric,
+              "searched": ",".join(p.name for p in (space.search.params if space.search else ()))}
+    params.update({f"fixed.{k}": v for k, v in space.fixed.items()})
+    status = None if state.cv_done else "RUNNING"
+    log_to_run(tracking_uri, parents.sweep_run, params, status=status)
+    for run_id in parents.group_runs.values():
+        log_to_run(tracking_uri, run_id, status=status)

@@ -1,0 +1,225 @@
+"""Sweeps: Ray Tune + Optuna over dataset x architecture x fold, resumable, tracked in MLflow.
+
+A sweep runs a search space (:mod:`orchestrator.sweep.space`) in two stages:
+
+**Stage A, search** (only when the space searches something). One Optuna study per (dataset, arch)
+group, never one study across groups: TPE must not mix datasets, and Optuna cannot search inside a
+grid. Each group runs its own Tuner, one group after another, so an optional ASHA scheduler only
+ever compares trials of one group. A configuration's score is its **mean validation metric over the
+search folds** (``search.folds``), never a test metric: the searcher
+(:class:`orchestrator.sweep.searcher.FoldCVSearcher`) asks Optuna for a configuration, hands it out as one
+ordinary Tune trial per search fold (the trainable trains one fold per call, so folds of one
+configuration run in parallel and each is checkpointed and retried on its own), and tells Optuna the
+mean of the folds' best validation values once every fold has finished. A fold that failed for good
+fails the configuration (Optuna ``FAIL``); a fold stopped early by ASHA prunes it (``PRUNED``, so
+TPE does not take a truncated value for a final one). The study lives in an SQLite ``optuna.db`` in
+the sweep folder (``study_name = f"{dataset}__{arch}"``) with a sampler seed derived from the base
+seed and the group key.
+
+**Stage B, cv**: one Tuner over the grid dataset x arch x fold with each group's chosen configuration
+(or the fixed one when nothing is searched), default ``BasicVariantGenerator``, no scheduler: every
+fold gets the same budget.
+
+Fault tolerance: a stable sweep name (the file stem by default); Tune storage that may be local, NFS
+or ``s3://``; per-epoch checkpoints (``num_to_keep=1``) and ``FailureConfig`` retries from them;
+re-running the same command, or ``mtcae sweep --resume NAME``, restores unfinished Tuners with
+``Tuner.restore(..., resume_errored=True)``, and ``state.json`` in the sweep folder records finished
+stages so they are never re-run. MLflow gets one experiment, a parent run for the sweep, a nested
+run per group, and every trial's run nested under its group; runs are found by their ``trial_key``
+tag, so a resumed trial continues its run instead of creating another.
+
+Layout under the output folder (``--out``, default ``./mtcae_runs``)::
+
+    cache/<dataset>/              preprocessing caches (``--cache``)
+    ray_results/<sweep>/          Tune experiments: search-<dataset>-<arch>/, cv/  (``--storage``)
+    sweeps/<sweep>/state.json     finished stages, chosen configurations
+    sweeps/<sweep>/space.yaml     the search space the sweep started with
+    sweeps/<sweep>/optuna.db      the Optuna studies
+    mlflow.db, mlartifacts/       the embedded MLflow store (``--tracking-uri`` for a server)
+    tables/<sweep>/               result tables (``orchestrator.pipeline``, ``mtcae table``)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import vocab
+from orchestrator.sweep.caches import (
+    build_caches,
+    check_caches_exist,
+    check_encoders_fit,
+)
+from orchestrator.sweep.cluster import init_ray, is_local
+from orchestrator.sweep.errors import SweepError
+from orchestrator.sweep.parents import create_parent_runs, start_parent_runs
+from orchestrator.sweep.result import SweepResult
+from orchestrator.sweep.space import SweepSpace, find_search_space
+from orchestrator.sweep.space_file import load_search_space
+from orchestrator.sweep.stages import make_run, run_stages
+from orchestrator.sweep.state import SweepState, join_storage, space_hash
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("mtcae_runs")
+
+
+def _absolute_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///`` path absolute (trials run in their own working folders)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def run_sweep(
+    space: SweepSpace | str | Path | None = None,
+    *,
+    out: Path | str = DEFAULT_OUT,
+    name: str | None = None,
+    resume: bool = False,
+    storage: str | None = None,
+    cache: Path | str | None = None,
+    data_root: Path | str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    trainable: Callable[[dict], Any] | str | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    gpus_per_trial: float | None = None,
+    stages: Sequence[str] = (vocab.STAGE_SEARCH, vocab.STAGE_CV),
+    reuse_actors: bool = False,
+    check_caches: bool = True,
+    progress_interval_s: float = 30.0,
+) -> SweepResult:
+    """Run (or continue) a sweep: stage A per-group search, then stage B final CV.
+
+    Re-running with the same name continues where the previous run stopped: finished groups and a
+    finished CV stage are skipped, unfinished Tune experiments are restored (errored trials are
+    retried from their last checkpoint), MLflow runs are reused.
+
+    Args:
+        space: A :class:`SweepSpace`, a YAML path or a shipped space name (``smoke``); may be None
+            with ``resume`` (the sweep's saved ``space.yaml`` is used).
+        out: Output folder; caches, Tune results, sweep state, MLflow store and tables go under it.
+        name: Sweep name (default: the space file stem).
+        resume: Require an existing sweep of this name (``mtcae sweep --resume NAME``).
+        storage: Tune storage root: local path, NFS path or ``s3://bucket/prefix``
+            (default ``<out>/ray_results``).
+        cache: Root of the per-dataset preprocessing caches (default ``<out>/cache``).
+        data_root: Raw videos, one folder per dataset; caches are (re)built from them when given.
+        tracking_uri: MLflow URI (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<out>/mlflow.db``).
+        experiment: MLflow experiment (default: the sweep name).
+        trainable: The trial function (default ``orchestrator.trial.entrypoints.train_trial``).
+        address: Ray cluster address (``auto`` on a cluster node); default ``$RAY_ADDRESS`` or a
+            local Ray instance.
+        num_cpus: CPUs of a local Ray instance (default: all).
+        gpus_per_trial: Override ``resources.gpu`` (fractions share a GPU).
+        stages: Stages to run now (``search``, ``cv``); the default runs both.
+        reuse_actors: Reuse trial actors (cheaper on CPU; keep False for GPU trials).
+        check_caches: Fail early when a dataset has no preprocessing cache.
+        progress_interval_s: Seconds between progress views while nothing finishes.
+
+    Returns:
+        The :class:`SweepResult`; ``complete`` is False when trials failed for good.
+
+    Raises:
+        SweepError: Bad arguments, a missing cache, a changed search space under an existing name,
+            or a search group in which no configuration completed.
+        orchestrator.sweep.space.SearchSpaceError: A malformed search space.
+    """
+    out = Path(out).expanduser().resolve()
+    space, name = _resolve_space(space, name, out, resume)
+    sweep_dir = out / "sweeps" / name
+    state = _open_state(sweep_dir, space, name, resume)
+    settings = _settings(state, out, storage, cache, tracking_uri, experiment, name)
+    state.settings = settings
+    data_root = _path_or_none(data_root)
+    if check_caches:
+        check_caches_exist(space, Path(settings["cache"]), data_root)
+        check_encoders_fit(space, Path(settings["cache"]), data_root)
+    parents = create_parent_runs(settings["tracking_uri"], settings["experiment"], name, space)
+    start_parent_runs(settings["tracking_uri"], parents, space, state)
+    state.save()
+    logger.info("sweep %s: Tune storage %s, MLflow %s (experiment %r)", name,
+                join_storage(settings["storage"], name), settings["tracking_uri"], settings["experiment"])
+    # Checkpointing every short epoch with num_to_keep=1 forces frequent experiment snapshots; Tune
+    # warns about each, harmlessly (it only matters for huge experiments).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    mode = init_ray(address, num_cpus)
+    try:
+        if data_root is not None:
+            build_caches(space, Path(settings["cache"]), data_root)
+        run = make_run(space, name, settings, sweep_dir, state, parents, trainable, gpus_per_trial,
+                        local=is_local(mode), reuse_actors=reuse_actors,
+                        progress_interval_s=progress_interval_s)
+        result = run_stages(run, parents, stages)
+    finally:
+        if mode != "existing":
+            import ray
+
+            ray.shutdown()
+    return result
+
+
+def _resolve_space(
+    space: SweepSpace | str | Path | None, name: str | None, out: Path, resume: bool
+) -> tuple[SweepSpace, str]:
+    if space is None:
+        if not (resume and name):
+            raise SweepError("give a search space file, or --resume NAME to continue a sweep")
+        saved = out / "sweeps" / name / "space.yaml"
+        if not saved.is_file():
+            raise SweepError(f"no sweep named {name!r} under {out / 'sweeps'} to resume")
+        return load_search_space(saved), name
+    if not isinstance(space, SweepSpace):
+        space = load_search_space(find_search_space(space))
+    name = name or space.name
+    if not name or "/" in name or name.startswith("."):
+        raise SweepError(f"invalid sweep name {name!r}: use letters, digits, '-', '_' or '.'")
+    return space, name
+
+
+def _open_state(sweep_dir: Path, space: SweepSpace, name: str, resume: bool) -> SweepState:
+    """Load the sweep's state (checking the space did not change) or start a new one."""
+    digest = space_hash(space)
+    state = SweepState.load(sweep_dir / "state.json")
+    if state is None:
+        if resume:
+            raise SweepError(f"no sweep named {name!r} in {sweep_dir.parent} to resume")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(space.path, sweep_dir / "space.yaml")
+        return SweepState(sweep_dir / "state.json", digest)
+    if state.space_hash != digest:
+        raise SweepError(
+            f"sweep {name!r} was started with a different search space ({sweep_dir / 'space.yaml'}); "
+            f"a running sweep's space cannot change: pass --name NEW to start another sweep"
+        )
+    logger.info("continuing sweep %s (%s)", name, sweep_dir)
+    return state
+
+
+def _settings(state: SweepState, out: Path, storage: str | None, cache: Path | str | None,
+              tracking_uri: str | None, experiment: str | None, name: str) -> dict[str, str]:
+    """Explicit arguments win; a resumed sweep keeps what it started with; then the defaults."""
+    from orchestrator import tracking
+
+    old = state.settings
+    if storage and "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    if tracking_uri is None and "tracking_uri" in old and not os.environ.get("MLFLOW_TRACKING_URI"):
+        tracking_uri = old["tracking_uri"]
+    return {
+        "storage": storage or old.get("storage") or str(out / "ray_results"),
+        "cache": str(Path(cache).expanduser().resolve()) if cache else old.get("cache") or str(out / "cache"),
+        "tracking_uri": _absolute_uri(tracking.resolve_tracking_uri(tracking_uri, out)),
+        "experiment": experiment or old.get("experiment") or name,
+    }
+
+
+def _path_or_none(path: Path | str | None) -> Path | None:
+    return Path(path).expanduser().resolve() if path is not None else None

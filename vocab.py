@@ -1,0 +1,91 @@
+"""The project's vocabulary: every dataset, architecture, stage, precision and preset name, once.
+
+Everything else imports its names from here (the model, the trial config schema, the search-space
+validation, the CLI, the tables), so a name can only be spelled in one place. This module imports
+nothing but the standard library: the CLI's ``--help`` and search-space validation read it
+without loading torch, Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ------------------------------------------------------------------------------------ datasets
+
+RAVDESS = "ravdess"
+CREMA_D = "crema-d"
+MEAD = "mead"
+DEMO = "demo"  # the synthetic dataset of ``mtcae demo-data`` (RAVDESS layout)
+
+DATASETS: tuple[str, ...] = (RAVDESS, CREMA_D, MEAD, DEMO)
+PAPER_DATASETS: tuple[str, ...] = (RAVDESS, CREMA_D, MEAD)  # the paper's order (Tables 1-4)
+DATASET_LABELS: dict[str, str] = {RAVDESS: "RAVDESS", CREMA_D: "CREMA-D", MEAD: "MEAD", DEMO: "demo"}
+
+
+# ------------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class ArchitectureName:
+    """One of Table 1's six structure strategies, as the paper labels it.
+
+    Attributes:
+        name: Registry name (``--arch``, the ``arch`` tag, ``model.build_model``).
+        mtl_type: Table 1's "MTL Type" column.
+        decoder_kind: ``vit`` (cross-attention decoders, Algorithm 1), ``mlp`` or None (no decoder).
+    """
+
+    name: str
+    mtl_type: str
+    decoder_kind: str | None
+
+    @property
+    def decoder_label(self) -> str:
+        """Table 1's "Decoder" column."""
+        return {"vit": "ViT Decoder", "mlp": "MLP", None: "-"}.get(self.decoder_kind, str(self.decoder_kind))
+
+    @property
+    def multitask(self) -> bool:
+        """Whether the architecture trains the box and landmark tasks too."""
+        return self.decoder_kind is not None
+
+
+# Table 1's rows in the paper's order; ``cascaded_vit`` is MTCAE-DFER itself.
+ARCHITECTURE_NAMES: tuple[ArchitectureName, ...] = (
+    ArchitectureName("stl", "STL", None),
+    ArchitectureName("nonshared_mlp", "Non-Fully Shared", "mlp"),
+    ArchitectureName("nonshared_vit", "Non-Fully Shared", "vit"),
+    ArchitectureName("shared_mlp", "Fully Shared", "mlp"),
+    ArchitectureName("shared_vit", "Fully Shared", "vit"),
+    ArchitectureName("cascaded_vit", "Cascaded", "vit"),
+)
+ARCHITECTURES: tuple[str, ...] = tuple(a.name for a in ARCHITECTURE_NAMES)
+ARCHITECTURE_BY_NAME: dict[str, ArchitectureName] = {a.name: a for a in ARCHITECTURE_NAMES}
+STL, NONSHARED_MLP, NONSHARED_VIT, SHARED_MLP, SHARED_VIT, CASCADED_VIT = ARCHITECTURES
+VIT_DECODER_ARCHS: tuple[str, ...] = tuple(a.name for a in ARCHITECTURE_NAMES if a.decoder_kind == "vit")
+MULTITASK_ARCHS: tuple[str, ...] = tuple(a.name for a in ARCHITECTURE_NAMES if a.multitask)
+
+TASKS: tuple[str, ...] = ("box", "landmark", "expr")  # the cascade's order (Algorithm 1)
+
+
+# ------------------------------------------------------------------------------------- stages
+
+STAGE_SEARCH = "search"  # per-group hyperparameter search on validation folds
+STAGE_CV = "cv"  # the final cross-validation of each group's chosen configuration
+STAGES: tuple[str, ...] = (STAGE_SEARCH, STAGE_CV)  # a trial's stage, in the order a sweep runs them
+# Stages of the MLflow parent runs a sweep creates (they hold no trial).
+STAGE_SWEEP = "sweep"
+STAGE_GROUP = "group"
+
+
+# ----------------------------------------------------------------------- presets and switches
+
+VIDEOMAE_PRESETS: tuple[str, ...] = ("tiny", "vit_small", "vit_base", "vit_large")  # the paper's family
+LGI_FORMER_PRESETS: tuple[str, ...] = ("lgi_former_tiny", "lgi_former_base")  # MAE-DFER's encoder
+ENCODER_PRESETS: tuple[str, ...] = VIDEOMAE_PRESETS + LGI_FORMER_PRESETS
+SMALL_ENCODER_PRESETS: tuple[str, ...] = ("tiny", "vit_small", "lgi_former_tiny")  # sized for a CPU
+DECODER_PRESETS: tuple[str, ...] = ("paper", "official")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+FEATURE_CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
+NORMALIZATIONS: tuple[str, ...] = ("imagenet", "official")
+HEAD_ORDERS: tuple[str, ...] = ("norm_pool", "pool_norm")
