@@ -39,10 +39,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent
 NOTES = (
     "Every ratio compares this system with a baseline measured in the same process, alternating the "
     "two (A, B, A, B) and using each side's fastest run, so load from other processes on a shared "
-    "machine disturbs both sides alike. Decoder-step rows name their speedup_method: bracketed "
-    "ones run S B S (S B S B S ...) and divide each baseline step by the mean of the system steps "
-    "either side of it; a bf16 row after the float32 row of the same shape reuses its baseline "
-    "(marked shared).",
+    "machine disturbs both sides alike.",
     "Fractions of peak divide achieved FLOP/s (analytic FLOP counts in the benchmark code) by the "
     "dense matmul FLOP/s of the same dtype measured right before, between the rounds of, and right "
     "after that benchmark (the best of those; every sample is listed under the machine), and, as "

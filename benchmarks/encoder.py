@@ -1,17 +1,21 @@
-"""Encoder inference for the feature cache: clips/s of the VideoMAE encoder, against an eager baseline.
+"""Encoder inference for the feature cache: clips/s of each encoder family, against an eager baseline.
 
-System: ``VideoMAEEncoder`` as the feature cache runs it (eval mode, ``torch.inference_mode``, timm
-blocks whose attention goes through ``F.scaled_dot_product_attention``). Baseline: the same weights
-run block by block with explicit ``softmax(Q K^T / sqrt(d)) V`` attention under ``torch.no_grad``.
-Also reported: achieved FLOP/s (``model.encoder.encoder_flops``) as a fraction of the dense matmul
-peak measured in the same run. The issue sets no speed-up target here; the target recorded is 1.0
-(the real encoder must not be slower than the textbook one).
+System: the encoder as the feature cache runs it (eval mode, ``torch.inference_mode``, every
+attention through ``F.scaled_dot_product_attention``): VideoMAE ViTs and MAE-DFER's LGI-Former.
+Baseline: the same weights with explicit ``softmax(Q K^T / sqrt(d)) V`` attention under
+``torch.no_grad`` (VideoMAE: block by block; LGI-Former: the same module with SDPA swapped for the
+textbook formula). Also reported: the analytic FLOPs per clip (``model.encoders.any_encoder_flops``),
+their ratio to VideoMAE ViT-L at 16 x 224 px (the paper's encoder), and the achieved FLOP/s as a
+fraction of the dense matmul peak measured in the same run. The target recorded is 1.0 (the real
+encoder must not be slower than the textbook one).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -28,11 +32,13 @@ from benchmarks.common import (
     summarize_times,
     time_interleaved,
 )
-from model.encoder import EncoderConfig, VideoMAEEncoder, encoder_config, encoder_flops
+from model.encoder import EncoderConfig, VideoMAEEncoder
+from model.encoders import any_encoder_flops, build_encoder, resolve_encoder_config
 
 log = logging.getLogger(__name__)
 
 TARGET_SPEEDUP = 1.0
+VIT_LARGE_FLOPS = any_encoder_flops(resolve_encoder_config("vit_large"))  # the paper's encoder, 16 x 224 px
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class EncoderSetting:
     """One encoder configuration.
 
     Attributes:
-        encoder: Preset name (``vit_small``, ``vit_base``, ``vit_large``) or a config.
+        encoder: Preset name (``vocab.ENCODER_PRESETS``) or a config.
         batch_size: Clips per forward.
         rounds: Timed forwards per side (alternated).
         precision: ``fp32`` or ``bf16`` (autocast) on the system side; the baseline is fp32.
@@ -58,8 +64,8 @@ class EncoderSetting:
         return f"{name}/b{self.batch_size}/{self.precision}"
 
     def encoder_cfg(self) -> EncoderConfig:
-        """The resolved encoder config."""
-        return encoder_config(self.encoder)
+        """The resolved encoder config (either family)."""
+        return resolve_encoder_config(self.encoder)
 
 
 def _eager_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -89,12 +95,30 @@ def baseline_encode(encoder: VideoMAEEncoder, video: torch.Tensor) -> torch.Tens
     return encoder.norm(x)
 
 
+@contextmanager
+def textbook_attention() -> Iterator[None]:
+    """Within the block, ``F.scaled_dot_product_attention`` is the explicit formula (the baseline)."""
+    fused = F.scaled_dot_product_attention
+
+    def explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+        assert attn_mask is None and dropout_p == 0.0 and not is_causal, "inference only"
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)  # (B, h, N, M)
+        return torch.matmul(torch.softmax(scores, dim=-1), v)  # (B, h, N, d)
+
+    F.scaled_dot_product_attention = explicit
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = fused
+
+
 def run_setting(setting: EncoderSetting, device: torch.device, peak_size: int | None = None
                 ) -> list[Result]:
     """Clips/s of the real encoder over the eager baseline, same weights and clip."""
     cfg = setting.encoder_cfg()
     torch.manual_seed(0)
-    encoder = VideoMAEEncoder(cfg).freeze().to(device)
+    encoder = build_encoder(cfg).freeze().to(device)
     video = torch.randn(setting.batch_size, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size,
                         device=device)
     autocast = setting.precision == "bf16"
@@ -106,7 +130,11 @@ def run_setting(setting: EncoderSetting, device: torch.device, peak_size: int | 
 
     def baseline() -> None:
         with torch.no_grad():
-            baseline_encode(encoder, video)
+            if isinstance(encoder, VideoMAEEncoder):
+                baseline_encode(encoder, video)
+            else:
+                with textbook_attention():
+                    encoder(video)
 
     peak = matmul_peak_flops(device, peak_dtype, peak_size)
     mem = {}
@@ -117,7 +145,8 @@ def run_setting(setting: EncoderSetting, device: torch.device, peak_size: int | 
     times = time_interleaved({"system": system, "baseline": baseline}, device, setting.rounds)
     peak = max(peak, matmul_peak_flops(device, peak_dtype, peak_size))
     stats = {side: summarize_times(t) for side, t in times.items()}
-    flops = encoder_flops(cfg) * setting.batch_size
+    per_clip = any_encoder_flops(cfg)
+    flops = per_clip * setting.batch_size
     sides = {
         side: {**stats[side], "clips_per_s": setting.batch_size / stats[side]["best_s"],
                "flop_per_s": flops / stats[side]["best_s"], "peak_memory_bytes": mem[side]}
@@ -127,26 +156,29 @@ def run_setting(setting: EncoderSetting, device: torch.device, peak_size: int | 
     return [make_result(
         f"encoder/{setting.label}", stats["baseline"]["best_s"] / stats["system"]["best_s"], TARGET_SPEEDUP,
         summary=f"{sides['system']['clips_per_s']:.3g} vs {sides['baseline']['clips_per_s']:.3g} clips/s, "
-                f"{fraction:.0%} of matmul peak",
+                f"{fraction:.0%} of matmul peak; {per_clip / 1e9:.3g} GFLOPs/clip = "
+                f"{per_clip / VIT_LARGE_FLOPS:.3f}x ViT-L",
         setting={**asdict(replace(setting, encoder=setting.label.split("/")[0])), "num_tokens": cfg.num_tokens,
                  "device": str(device)},
-        forward_flops=flops, fraction_of_peak=fraction, matmul_peak_flop_per_s=peak,
+        forward_flops=flops, flops_per_clip=per_clip, flops_ratio_to_vit_large=per_clip / VIT_LARGE_FLOPS,
+        fraction_of_peak=fraction, matmul_peak_flop_per_s=peak,
         achieved_flop_per_s=sides["system"]["flop_per_s"], peak_dtype=dtype_name(peak_dtype),
         **sides,
     )]
 
 
 def quick_settings() -> list[EncoderSetting]:
-    """One clip through ViT-S and ViT-B on CPU, one timed forward per side (after the warm-up one)."""
-    return [EncoderSetting("vit_small", rounds=1), EncoderSetting("vit_base", rounds=1)]
+    """One clip through ViT-S, ViT-B and the LGI-Former base on CPU, one timed forward per side."""
+    return [EncoderSetting("vit_small", rounds=1), EncoderSetting("vit_base", rounds=1),
+            EncoderSetting("lgi_former_base", rounds=1)]
 
 
 def full_settings(device: torch.device) -> list[EncoderSetting]:
-    """CPU: ViT-S and ViT-B; GPU: ViT-S, ViT-B and ViT-L at a cache-building batch size, in bf16 too."""
+    """CPU: ViT-S, ViT-B, LGI-Former base; GPU: also ViT-L, at a cache-building batch size, in bf16 too."""
     if device.type != "cuda":
-        return [EncoderSetting("vit_small", rounds=3), EncoderSetting("vit_base", rounds=3)]
+        return [EncoderSetting(name, rounds=3) for name in ("vit_small", "vit_base", "lgi_former_base")]
     return [EncoderSetting(name, batch_size=8, rounds=5, precision=p)
-            for name in ("vit_small", "vit_base", "vit_large") for p in ("fp32", "bf16")]
+            for name in ("vit_small", "vit_base", "vit_large", "lgi_former_base") for p in ("fp32", "bf16")]
 
 
 def run(quick: bool, device: torch.device | None = None, settings: list[EncoderSetting] | None = None,

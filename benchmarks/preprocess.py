@@ -29,8 +29,6 @@ Target: 4x (issue 3).
 
 from __future__ import annotations
 
-import vocab
-
 import logging
 import os
 import tempfile
@@ -42,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import vocab
 from benchmarks.common import (
     Result,
     default_device,

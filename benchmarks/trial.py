@@ -28,8 +28,6 @@ next to the analytic FLOP ratio of the same epoch.
 
 from __future__ import annotations
 
-import vocab
-
 import json
 import logging
 import tempfile
@@ -42,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import vocab
 from benchmarks.common import (
     Result,
     default_device,
