@@ -399,6 +399,14 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
                    help="RAVDESS/demo label protocol: 7 (calm merged into neutral, default) or 8")
     p.add_argument("--include-song", action="store_true", help="RAVDESS: also the song clips")
     p.add_argument("--view", default=None, help="MEAD camera view (default: front)")
+    p.add_argument("--mead-selection", choices=("paper", "all"), default=None,
+                   help="MEAD: 'paper' (default) keeps section 4.1's 380 neutral and 884 clips per other "
+                   "emotion, spread over actors and levels; 'all' keeps every selected clip")
+    p.add_argument("--actors", nargs="+", default=None, metavar="ID", help="MEAD: only these actors (e.g. M003 W009)")
+    p.add_argument("--levels", nargs="+", type=int, default=None, choices=(1, 2, 3),
+                   help="MEAD: intensity levels of the non-neutral emotions (default: all three)")
+    p.add_argument("--clips-per-class", type=int, default=None,
+                   help="MEAD: cap on the clips of every class (with --mead-selection all)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing cache at --out (e.g. built with other settings)")
     p.add_argument("--retry-failed", action="store_true", help="re-process clips that failed before")
@@ -420,8 +428,10 @@ def _run_preprocess(args: argparse.Namespace) -> int:
         options["num_classes"] = args.classes
     if args.include_song:
         options["vocal_channels"] = ("01", "02")
-    if args.view is not None:
-        options["view"] = args.view
+    mead = {"view": args.view, "selection": args.mead_selection, "levels": args.levels,
+            "clips_per_class": args.clips_per_class,
+            "actors": tuple(args.actors) if args.actors else None}
+    options |= {k: tuple(v) if isinstance(v, list) else v for k, v in mead.items() if v is not None}
     try:
         adapter = get_dataset(args.dataset, **options)
         settings = PreprocessSettings(

@@ -19,6 +19,7 @@ from benchmarks import decoder_step as ds
 from benchmarks import encoder as be
 from model.decoder import CrossAttention, DecoderConfig
 from model.encoder import EncoderConfig, VideoMAEEncoder
+from model.encoders import any_encoder_flops, build_encoder, resolve_encoder_config
 from orchestrator.cli import main as cli_main
 
 CPU = torch.device("cpu")
@@ -27,7 +28,7 @@ PEAK_SIZE = 64  # toy matmul "peak": the number is meaningless, the code path is
 
 def toy_step(**kw) -> ds.StepSetting:
     dec = DecoderConfig(embed_dim=16, depth=2, num_heads=2, head_dim=8)
-    base = dict(decoder=dec, batch_size=2, encoder_dim=32, num_frames=4, img_size=32, rounds=2)
+    base = {"decoder": dec, "batch_size": 2, "encoder_dim": 32, "num_frames": 4, "img_size": 32, "rounds": 2}
     return ds.StepSetting(**{**base, **kw})
 
 
@@ -61,7 +62,8 @@ def test_decoder_step_runs_and_reports(attn_drop: float | None) -> None:
     speed = results[0]
     for r in results:
         assert_well_formed(r)
-    assert speed["name"] == setting.label(CPU) == f"decoder_step/custom/b2/fp32/attn_drop{0.3 if attn_drop is None else 0:g}"
+    drop = 0.3 if attn_drop is None else 0.0
+    assert speed["name"] == setting.label(CPU) == f"decoder_step/custom/b2/fp32/attn_drop{drop:g}"
     assert speed["target"] == ds.TARGET_SPEEDUP == 1.0
     for side in ("system", "baseline"):
         raw = speed[side]
@@ -69,7 +71,8 @@ def test_decoder_step_runs_and_reports(attn_drop: float | None) -> None:
         assert raw["clips_per_s"] == pytest.approx(2 / raw["best_s"])
     assert speed["ratio"] == pytest.approx(speed["baseline"]["best_s"] / speed["system"]["best_s"])
     assert speed["achieved_flop_per_s"] == pytest.approx(speed["step_flops"] / speed["system"]["best_s"])
-    assert speed["fraction_of_peak"] == pytest.approx(speed["achieved_flop_per_s"] / speed["matmul_peak_flop_per_s"])
+    fraction = speed["achieved_flop_per_s"] / speed["matmul_peak_flop_per_s"]
+    assert speed["fraction_of_peak"] == pytest.approx(fraction)
     assert speed["peak_dtype"] == "float32" and speed["setting"]["device"] == "cpu"
     if len(results) == 2:  # memory is measurable here (glibc or /proc)
         memory = results[1]
@@ -79,7 +82,7 @@ def test_decoder_step_runs_and_reports(attn_drop: float | None) -> None:
 
 
 def test_baseline_is_the_same_model_with_eager_attention() -> None:
-    """Same weights, same function; only the attention kernel differs (and the baseline holds N x N)."""
+    """Same weights, same function; only the attention path differs."""
     _, models = ds.build_steps(toy_step(), CPU)
     system, baseline = models["system"], models["baseline"]
     assert all(m.fused_attn for m in system.modules() if isinstance(m, CrossAttention))
@@ -94,7 +97,7 @@ def test_baseline_is_the_same_model_with_eager_attention() -> None:
 
 
 def test_step_flops_match_a_flop_counter() -> None:
-    """The eager step's matmuls, counted by PyTorch, are the analytic count (the fused CPU backward is not counted)."""
+    """The eager step's matmuls, as PyTorch counts them (it cannot see into the fused CPU backward)."""
     steps, models = ds.build_steps(toy_step(), CPU)
     with FlopCounterMode(display=False) as counter:
         steps["baseline"]()
@@ -118,7 +121,8 @@ def test_a_setting_that_fails_is_an_error_entry_not_an_abort(monkeypatch: pytest
         return real(setting, device, peak_size)
 
     monkeypatch.setattr(ds, "run_setting", failing)
-    results = ds.run(quick=False, device=CPU, settings=[toy_step(batch_size=4096), toy_step()], peak_size=PEAK_SIZE)
+    settings = [toy_step(batch_size=4096), toy_step()]
+    results = ds.run(quick=False, device=CPU, settings=settings, peak_size=PEAK_SIZE)
     assert results[0]["name"] == "decoder_step/custom/b4096/fp32/attn_drop0.3"
     assert "out of memory" in results[0]["error"] and results[0]["passed"] is False
     assert results[1]["name"] == "decoder_step/custom/b2/fp32/attn_drop0.3"
@@ -132,6 +136,8 @@ def test_settings_measure_both_presets_at_the_targets_shape(device: str) -> None
     assert {(s.decoder, s.batch_size) for s in full} == {("official", 16), ("paper", 16)}
     assert {s.decoder_cfg().attn_drop for s in full} == {0.0, 0.3}  # fused and as trained
     assert {s.decoder for s in ds.QUICK} == {"official", "paper"} and all(s.rounds >= 2 for s in ds.QUICK)
+    precision = "bf16" if device == "cuda" else "fp32"  # CUDA runs both sides under bf16 autocast
+    assert ds.QUICK[0].label(torch.device(device)) == f"decoder_step/official/b2/{precision}/attn_drop0.3"
     cfg = ds.QUICK[0].model_config().encoder_cfg()
     assert (cfg.num_tokens, cfg.embed_dim) == (1568, 1024)
 
@@ -148,6 +154,30 @@ def test_encoder_runs_and_matches_its_baseline() -> None:
     video = torch.randn(1, 3, 4, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(enc(video), be.baseline_encode(enc, video), rtol=1e-5, atol=1e-5)
+
+
+def test_lgi_former_row_reports_its_flops_against_vit_large() -> None:
+    (result,) = be.run(quick=False, device=CPU, settings=[be.EncoderSetting("lgi_former_tiny")], peak_size=PEAK_SIZE)
+    assert_well_formed(result)
+    assert finite_numbers(result)
+    tiny = any_encoder_flops(resolve_encoder_config("lgi_former_tiny"))
+    assert result["flops_per_clip"] == tiny and result["flops_ratio_to_vit_large"] == pytest.approx(tiny / be.VIT_LARGE_FLOPS)
+    base = any_encoder_flops(resolve_encoder_config("lgi_former_base")) / be.VIT_LARGE_FLOPS
+    assert 0.07 < base < 0.09, "MAE-DFER's base LGI-Former is about 8% of ViT-L at 16 x 224 px"
+    assert "lgi_former_base" in [s.encoder for s in be.quick_settings()]
+
+
+def test_textbook_attention_is_what_sdpa_computes() -> None:
+    enc = build_encoder(resolve_encoder_config("lgi_former_tiny")).freeze()
+    video = torch.randn(2, 3, 4, 32, 32)
+    fused_kernel = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad():
+        fused = enc(video)
+        with be.textbook_attention():
+            textbook = enc(video)
+    torch.testing.assert_close(fused, textbook, rtol=1e-5, atol=1e-5)
+    assert torch.nn.functional.scaled_dot_product_attention is fused_kernel, "restored after the block"
+    assert fused.shape == (2, 8, 32)
 
 
 def test_peak_memory_sees_a_large_allocation() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,14 @@ from orchestrator.data.datasets import (
     CREMA_D_EMOTIONS,
     DATASETS,
     MEAD_EMOTIONS,
+    MEAD_PUBLIC_ACTORS,
+    PAPER_MEAD_CLIPS,
     RAVDESS_EMOTIONS_7,
     RAVDESS_EMOTIONS_8,
     ClipRecord,
     DatasetLayoutError,
+    SkipClip,
+    class_counts,
     get_dataset,
     records_to_frame,
 )
@@ -145,6 +150,84 @@ def test_mead_nested_and_flat_layouts(tmp_path: Path) -> None:
     assert all(MEAD_EMOTIONS[r.label] == r.label_name for r in records)
     left = get_dataset("mead", view="left_30").scan(tmp_path)
     assert [r.path for r in left] == ["M003/video/left_30/angry/level_1/001.mp4"]
+
+
+def mead_release(root: Path, actors: tuple[str, ...] = MEAD_PUBLIC_ACTORS) -> None:
+    """MEAD's front view as released: 30 clips per emotion and level, 40 neutral at level 1."""
+    for actor in actors:
+        for emotion in MEAD_EMOTIONS:
+            for level in (1,) if emotion == "neutral" else (1, 2, 3):
+                folder = root / actor / "video" / "front" / emotion / f"level_{level}"
+                folder.mkdir(parents=True)
+                for clip in range(1, 41 if emotion == "neutral" else 31):
+                    (folder / f"{clip:03d}.mp4").touch()
+
+
+def test_mead_authors_layouts(tmp_path: Path) -> None:
+    touch(tmp_path,
+          "MEAD/angry/M003_angry_level_1_001.mp4",     # Tool.rename's output
+          "MEAD/neutral/W009_neutral_level_1_040.mp4",
+          "MEAD/sad/M005_sad_3_012.mp4",                # a bare level number
+          "MEAD_RAW/W011/fear/level_2/007.mp4",          # Tool.rename's input
+          "MEAD/angry/notes_angry.mp4")                 # no level, no clip: a bad name
+    mead = get_dataset("mead", selection="all")
+    got = {(r.subject, r.label_name, mead.parse_name(r.path).level) for r in mead.scan(tmp_path)}
+    assert got == {("M003", "angry", 1), ("W009", "neutral", 1), ("M005", "sad", 3),
+                   ("W011", "fear", 2)}
+    with pytest.raises(SkipClip):  # the authors' copies hold one view, taken to be front
+        get_dataset("mead", view="left_30").parse("MEAD/angry/M003_angry_level_1_001.mp4")
+
+
+def test_mead_actor_and_level_filters(tmp_path: Path) -> None:
+    mead_release(tmp_path, ("M003", "W009"))
+    full = get_dataset("mead", selection="all").scan(tmp_path)
+    assert len(full) == 2 * 670  # 7 emotions x 3 levels x 30 + 40 neutral per actor
+    level3 = get_dataset("mead", selection="all", levels=(3,), actors=("W009",)).scan(tmp_path)
+    assert {r.subject for r in level3} == {"W009"}
+    counts = class_counts(level3, MEAD_EMOTIONS)
+    assert counts["neutral"] == 40  # neutral exists at level 1 only: not filtered by level
+    assert all(counts[e] == 30 for e in MEAD_EMOTIONS if e != "neutral")
+    assert all(r.path.split("/")[4] == "level_3" for r in level3 if r.label_name != "neutral")
+
+
+def test_mead_clip_cap_spreads_over_actors_and_levels(tmp_path: Path) -> None:
+    mead_release(tmp_path, ("M003", "M005", "W009"))
+    mead = get_dataset("mead", selection="all", clips_per_class=20)
+    records = mead.scan(tmp_path)
+    assert set(class_counts(records, MEAD_EMOTIONS).values()) == {20}
+    angry = [mead.parse_name(r.path) for r in records if r.label_name == "angry"]
+    per_group = Counter((n.actor, n.level) for n in angry)
+    assert sorted(per_group.values()) == [2] * 7 + [3] * 2  # 20 over 9 (actor, level) groups
+    assert {n.clip for n in angry} == {"001", "002", "003"}  # lowest clip numbers first
+    neutral = Counter(r.subject for r in records if r.label_name == "neutral")
+    assert sorted(neutral.values()) == [6, 7, 7]
+
+
+def test_mead_paper_selection_reproduces_the_paper_counts(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    mead_release(tmp_path)
+    with caplog.at_level(logging.INFO, logger="orchestrator.data.datasets"):
+        records = DATASETS["mead"].scan(tmp_path)  # the default is the paper preset
+    counts = class_counts(records, MEAD_EMOTIONS)
+    assert counts == PAPER_MEAD_CLIPS and counts["neutral"] == 380 and counts["angry"] == 884
+    assert len(records) == 6568
+    assert "from 47 actors (the paper: 48)" in caplog.text
+    assert "neutral 380" in caplog.text  # the scan log prints the per-class counts
+    per_actor = Counter((r.subject, r.label_name) for r in records)
+    assert {per_actor[a, "sad"] for a in MEAD_PUBLIC_ACTORS} == {18, 19}
+    assert {per_actor[a, "neutral"] for a in MEAD_PUBLIC_ACTORS} == {8, 9}
+    assert len(get_dataset("mead", selection="all").scan(tmp_path)) == 47 * 670
+
+
+def test_mead_option_errors() -> None:
+    with pytest.raises(ValueError, match="view must be one of"):
+        get_dataset("mead", view="back")
+    with pytest.raises(ValueError, match="levels must be"):
+        get_dataset("mead", levels=(4,))
+    with pytest.raises(ValueError, match="selection='all'"):
+        get_dataset("mead", clips_per_class=10)
+    with pytest.raises(ValueError, match="selection must be"):
+        get_dataset("mead", selection="balanced")
 
 
 def test_get_dataset_errors() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from videos import (
     make_text_file,
     make_truncated,
     make_zero_byte,
+    truncate_at_frame,
     write_frames,
     write_gradient_video,
 )
@@ -35,7 +37,13 @@ from orchestrator.data.cache import (
 from orchestrator.data.faces import FaceDetector, select_faces
 from orchestrator.data.preprocess import run_preprocess
 from orchestrator.data.settings import PreprocessSettings
-from orchestrator.data.video import read_clip, resize_frames, sample_indices
+from orchestrator.data.video import (
+    ClipError,
+    check_truncation,
+    read_clip,
+    resize_frames,
+    sample_indices,
+)
 
 SMALL = PreprocessSettings(size=64, keep_faceless=True)
 
@@ -127,6 +135,47 @@ def test_read_clip_pads_short_gray_and_odd_videos(video_factory) -> None:
     assert odd.frames[:, :8].max() < 20  # letterbox bars of the 63x47 frame
 
 
+# ---------------------------------------------------------------- truncated media
+
+
+def test_truncation_thresholds() -> None:
+    assert check_truncation(65, 65, 16) == "" and check_truncation(10, None, 16) == ""
+    assert check_truncation(65, 67, 16) == ""  # FLV durations run a frame or two past the end
+    assert check_truncation(59, 65, 16) == ""  # within 10% of the declared frames
+    assert check_truncation(40, 65, 16) == "truncated: 40 of 65 frames decodable"
+    with pytest.raises(ClipError, match=r"^truncated: 30 of 65 frames decodable \(less than 50%"):
+        check_truncation(30, 65, 16)
+    with pytest.raises(ClipError, match=r"^truncated: 12 of 20 frames decodable \(fewer than the"):
+        check_truncation(12, 20, 16)
+
+
+@pytest.mark.parametrize("ext", [".flv", ".mkv"])
+def test_read_clip_flags_truncated_containers(tmp_path: Path, ext: str) -> None:
+    intact = read_clip(write_gradient_video(tmp_path / f"intact{ext}", num_frames=65), SMALL)
+    assert not intact.truncated and intact.notes == [] and intact.decodable_frames == 65
+    short = read_clip(write_gradient_video(tmp_path / f"short{ext}", num_frames=10), SMALL)
+    assert short.padded and not short.truncated  # a short clip is not a truncated one
+    cut = read_clip(truncate_at_frame(write_gradient_video(tmp_path / f"cut{ext}", num_frames=65),
+                                      45), SMALL)
+    assert cut.truncated and cut.declared_frames in (65, 67) and 38 <= cut.decodable_frames <= 45
+    assert cut.notes[0] == (f"truncated: {cut.decodable_frames} of {cut.declared_frames} frames "
+                            f"decodable")
+    stub = truncate_at_frame(write_gradient_video(tmp_path / f"stub{ext}", num_frames=65), 8)
+    with pytest.raises(ClipError, match=r"^truncated: \d of 6[57] frames decodable \(fewer than"):
+        read_clip(stub, SMALL)
+
+
+def test_first_40_kb_of_a_real_crema_d_clip_is_truncated(real_videos: Path,
+                                                         tmp_path: Path) -> None:
+    """The issue's case: 4 frames decode and were padded to 16 and marked ok."""
+    source = real_videos / "crema-d" / "1001_DFA_FEA_XX.flv"
+    cut = tmp_path / source.name
+    cut.write_bytes(source.read_bytes()[:40_000])
+    with pytest.raises(ClipError, match=r"^truncated: 4 of 65 frames decodable"):
+        read_clip(cut, SMALL)
+    assert not read_clip(source, SMALL).truncated
+
+
 # ---------------------------------------------------------------- face selection
 
 
@@ -205,6 +254,27 @@ def test_partial_faces_are_filled_and_flagged(tmp_path: Path) -> None:
     item = ClipDataset(tmp_path / "cache")[0]
     assert item["valid"].tolist() == [True] * 10 + [False] * 6
     assert torch.equal(item["boxes"][10:], item["boxes"][9].expand(6, 4))
+
+
+def test_truncated_clips_are_partial_or_failed_never_ok(tmp_path: Path) -> None:
+    frames = face_frames(num_frames=65)
+    actor = tmp_path / "data" / "Actor_02"
+    write_frames(actor / "02-01-01-01-01-01-02.flv", frames)
+    truncate_at_frame(write_frames(actor / "02-01-03-01-01-01-02.flv", frames), 45)
+    truncate_at_frame(write_frames(actor / "02-01-04-01-01-01-02.flv", frames), 8)
+    summary = run(tmp_path / "data", tmp_path / "cache", PreprocessSettings(size=112))
+    rows = {r["label_name"]: r for r in manifest_rows(tmp_path / "cache").values()}
+    assert rows["neutral"]["status"] == "ok" and rows["neutral"]["reason"] == ""
+    assert rows["happy"]["status"] == "partial" and rows["happy"]["valid_frames"] == 16
+    assert re.match(r"truncated: \d+ of 6[57] frames decodable$", rows["happy"]["reason"])
+    assert rows["sad"]["status"] == "failed" and rows["sad"]["cache_file"] == ""
+    assert re.match(r"truncated: \d of 6[57] frames decodable \(fewer than", rows["sad"]["reason"])
+    assert summary.counts == {"ok": 1, "partial": 1, "failed": 1}
+    assert summary.selected == {"neutral": 1, "happy": 1, "sad": 1, "angry": 0, "fearful": 0,
+                                "disgust": 0, "surprised": 0}
+    assert summary.usable_per_class["sad"] == 0 and summary.usable_per_class["happy"] == 1
+    assert ("selected 3 clips, per class (usable): neutral 1 (1), happy 1 (1), sad 1 (0), angry 0 "
+            "(0)") in summary.format()
 
 
 def bad_root(root: Path) -> dict[str, str]:

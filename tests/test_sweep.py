@@ -131,12 +131,21 @@ def ray_local():
     ray.shutdown()
 
 
+def write_manifest(cache: Path, subjects: int) -> None:
+    """A manifest of usable clips (2 classes per subject) the sweep's pre-flight can split into folds;
+    the fake trainable never opens a clip."""
+    header = "clip,clip_id,status,reason,label,label_name,subject,valid_frames,padded,cache_file\n"
+    rows = [f"a{s}/c{c}.mp4,a{s}__c{c},ok,,{c},class{c},{s},16,False,clips/a{s}__c{c}.npz\n"
+            for s in range(subjects) for c in range(2)]
+    (cache / "manifest.csv").write_text(header + "".join(rows))
+
+
 def _setup(root: Path, crash: dict | None = None) -> tuple[Path, Path]:
     space_file = root / "fake.yaml"
     space_file.write_text(SPACE)
     channel = root / "out" / "cache" / "demo"
     channel.mkdir(parents=True)
-    (channel / "manifest.csv").write_text("clip,clip_id,status\n")
+    write_manifest(channel, subjects=4)
     if crash:
         (channel / "crash.json").write_text(json.dumps(crash))
     return space_file, channel
@@ -469,15 +478,49 @@ def test_cli_reports_bad_input_without_scheduling(tmp_path: Path, capsys: pytest
 ])
 def test_an_encoder_that_cannot_take_the_frames_fails_before_scheduling(
         tmp_path: Path, encoder: str, size: int, fits: bool) -> None:
-    from orchestrator.sweep.caches import check_encoders_fit
-    from orchestrator.sweep.errors import SweepError
+    from orchestrator.sweep.caches import encoder_problems
     from orchestrator.sweep.space_file import load_search_space
 
     space_file = tmp_path / "space.yaml"
     space_file.write_text(SPACE.replace("encoder: tiny", f"encoder: {encoder}") + f"preprocess: {{size: {size}}}\n")
     space = load_search_space(space_file)
+    problems = encoder_problems(space, tmp_path / "cache", data_root=tmp_path)
     if fits:
-        check_encoders_fit(space, tmp_path / "cache", data_root=tmp_path)
+        assert problems == []
     else:
-        with pytest.raises(SweepError, match=f"encoder '{encoder}' does not fit dataset 'demo' at 16 frames of {size} px"):
-            check_encoders_fit(space, tmp_path / "cache", data_root=tmp_path)
+        (problem,) = problems
+        assert problem.startswith(f"encoder '{encoder}' does not fit dataset 'demo' at 16 frames of {size} px")
+
+
+def test_more_folds_than_subjects_fails_before_any_trial_and_leaves_no_run(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from orchestrator.sweep.errors import SweepError
+    from orchestrator.sweep.run import run_sweep
+
+    space_file = tmp_path / "fake.yaml"
+    space_file.write_text(SPACE.replace("n_folds: 2", "n_folds: 5").replace("folds: [0, 1]", "folds: [0, 1, 2, 3, 4]"))
+    cache = tmp_path / "out" / "cache" / "demo"
+    cache.mkdir(parents=True)
+    write_manifest(cache, subjects=3)
+    with pytest.raises(SweepError, match=r"dataset 'demo' \(3 subjects with usable clips .*n_folds=5"):
+        run_sweep(space_file, out=tmp_path / "out", trainable=fake_trial)
+    uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    runs = [r for e in MlflowClient(uri).search_experiments() for r in MlflowClient(uri).search_runs([e.experiment_id])]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_an_empty_cache_and_a_missing_one_are_reported_together(tmp_path: Path) -> None:
+    from orchestrator.sweep.caches import preflight
+    from orchestrator.sweep.errors import SweepError
+    from orchestrator.sweep.space_file import load_search_space
+
+    space_file = tmp_path / "two.yaml"
+    space_file.write_text(SPACE.replace("datasets: [demo]", "datasets: [demo, ravdess]"))
+    empty = tmp_path / "cache" / "demo"
+    empty.mkdir(parents=True)
+    write_manifest(empty, subjects=0)
+    with pytest.raises(SweepError, match=r"\(2 problems\)") as err:
+        preflight(load_search_space(space_file), tmp_path / "cache", data_root=None)
+    assert "no preprocessing cache for dataset 'ravdess'" in str(err.value)
+    assert "the cache of dataset 'demo'" in str(err.value) and "has no usable clip" in str(err.value)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +13,16 @@ import pytest
 import torch
 from cache_fixture import TinyCache, write_tiny_cache
 
+import vocab
 from orchestrator.cli import main
 from orchestrator.trial import checkpoint as ckpt_io
 from orchestrator.trial import data as td
-from orchestrator.trial.config import TRACKING_KEYS, TrialConfig, TrialConfigError
+from orchestrator.trial.config import (
+    SETTABLE_KEYS,
+    TRACKING_KEYS,
+    TrialConfig,
+    TrialConfigError,
+)
 from orchestrator.trial.device import resolve_precision
 from orchestrator.trial.entrypoints import train_trial
 from orchestrator.trial.loop import (
@@ -426,3 +434,13 @@ def test_cost_estimate_scales_with_epochs_and_clips(cache: TinyCache) -> None:
     cached = estimate_cost(net, {"train": 8, "val": 2, "test": 2}, 2, 4, feature_cache=True, rate=1e9)
     assert two.flops == pytest.approx(2 * one.flops) and cached.flops < two.flops
     assert one.seconds == pytest.approx(one.flops / 1e9) and one.peak_bytes > 0
+
+
+def test_train_help_lists_the_architectures_and_every_settable_key() -> None:
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for arch in vocab.ARCHITECTURE_NAMES:
+        assert f"{arch.name:<14} {arch.mtl_type}, {arch.decoder_label}" in out
+    for key in SETTABLE_KEYS:
+        assert f"{key} [" in out, key
+    assert "mtcae_runs/cache/demo" in out, "examples use the cache `mtcae demo` leaves behind"

@@ -81,6 +81,18 @@ def make_truncated(path: Path) -> Path:
     return path
 
 
+def truncate_at_frame(path: Path, frame: int) -> Path:
+    """Cut a written video just before its ``frame``-th video packet, as an interrupted download
+    or copy leaves it: a streamable container (FLV, Matroska) still opens and its header still
+    declares every frame."""
+    import av
+
+    with av.open(str(path)) as container:
+        positions = [packet.pos for packet in container.demux(video=0) if packet.size]
+    path.write_bytes(path.read_bytes()[:positions[frame]])
+    return path
+
+
 def make_corrupt(path: Path) -> Path:
     """An mp4 whose middle bytes are overwritten with noise (the container still opens)."""
     write_gradient_video(path, num_frames=40)

@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,12 @@ from orchestrator.data.cache import (
     write_manifest,
     write_npz,
 )
-from orchestrator.data.datasets import ClipRecord, DatasetAdapter, get_dataset
+from orchestrator.data.datasets import (
+    ClipRecord,
+    DatasetAdapter,
+    class_counts,
+    get_dataset,
+)
 from orchestrator.data.faces import get_detector, resolve_device, select_faces
 from orchestrator.data.settings import PreprocessSettings
 from orchestrator.data.video import (
@@ -74,7 +79,19 @@ _MANIFEST_FLUSH_S = 5.0
 
 @dataclass
 class PreprocessSummary:
-    """What a run produced (the CLI prints :meth:`format`)."""
+    """What a run produced (the CLI prints :meth:`format`).
+
+    Attributes:
+        out: The cache directory.
+        total: Clips in the manifest.
+        processed: Clips processed in this run.
+        skipped: Selected clips already done by an earlier run.
+        counts: Manifest clips per status.
+        elapsed_s: Wall time of this run.
+        failures: ``(clip, reason)`` of every failed clip.
+        selected: The adapter's selection (after ``limit``): clips per class, in class order.
+        usable_per_class: Usable clips of the selection per class, in class order.
+    """
 
     out: Path
     total: int
@@ -83,6 +100,8 @@ class PreprocessSummary:
     counts: dict[str, int]
     elapsed_s: float
     failures: list[tuple[str, str]]
+    selected: dict[str, int] = field(default_factory=dict)
+    usable_per_class: dict[str, int] = field(default_factory=dict)
 
     @property
     def usable(self) -> int:
@@ -100,6 +119,11 @@ class PreprocessSummary:
                  f"(ok {self.counts.get('ok', 0)}, partial {self.counts.get('partial', 0)}, "
                  f"failed {self.counts.get('failed', 0)}); processed {self.processed} now "
                  f"({self.clips_per_s:.2f} clips/s), {self.skipped} already done"]
+        if self.selected:
+            per_class = ", ".join(f"{name} {n} ({self.usable_per_class.get(name, 0)})"
+                                  for name, n in self.selected.items())
+            lines.append(f"selected {sum(self.selected.values())} clips, per class (usable): "
+                         f"{per_class}")
         lines += [f"  failed: {clip}: {reason}" for clip, reason in self.failures[:20]]
         if len(self.failures) > 20:
             lines.append(f"  ... and {len(self.failures) - 20} more failures (see manifest)")
@@ -163,17 +187,18 @@ def _finish_clip(record: ClipRecord, clip_id: str, clip: DecodedClip, detections
     labels = select_faces(detections, settings.size)
     n_valid = int(labels.valid.sum())
     notes = list(clip.notes)
+    first = int(clip.truncated)  # a truncation note stays first in the reason
     if n_valid == 0 and not settings.keep_faceless:
-        notes.insert(0, f"no face detected in any of the {settings.num_frames} sampled frames")
+        notes.insert(first, f"no face detected in any of the {settings.num_frames} sampled frames")
         return _row(record, clip_id, "failed", "; ".join(notes), padded=clip.padded)
     if n_valid < settings.num_frames:
-        notes.insert(0, f"no face in {settings.num_frames - n_valid} of {settings.num_frames} "
-                        f"frames (filled from the nearest face, marked invalid)")
+        notes.insert(first, f"no face in {settings.num_frames - n_valid} of {settings.num_frames} "
+                            f"frames (filled from the nearest face, marked invalid)")
     cache_file = f"{CLIPS_DIR}/{clip_id}.npz"
     write_npz(out / cache_file, frames=clip.frames, boxes=labels.boxes,
               landmarks=labels.landmarks, valid=labels.valid,
               label=np.array(record.label, np.int64), subject=np.array(record.subject))
-    status = "ok" if n_valid == settings.num_frames else "partial"
+    status = "ok" if n_valid == settings.num_frames and not clip.truncated else "partial"
     return _row(record, clip_id, status, "; ".join(notes), n_valid, clip.padded, cache_file)
 
 
@@ -242,7 +267,9 @@ def run_preprocess(dataset: str | DatasetAdapter, root: str | os.PathLike[str],
                device, workers, journal, progress)
     finally:
         journal.flush()
-    return _summary(out, rows, len(todo), skipped, time.perf_counter() - start)
+    summary = _summary(out, rows, len(todo), skipped, time.perf_counter() - start)
+    summary.selected, summary.usable_per_class = _class_counts(adapter, records, rows)
+    return summary
 
 
 def _summary(out: Path, rows: dict[str, dict], processed: int, skipped: int,
@@ -250,6 +277,14 @@ def _summary(out: Path, rows: dict[str, dict], processed: int, skipped: int,
     counts = Counter(r["status"] for r in rows.values())
     failures = sorted((r["clip"], r["reason"]) for r in rows.values() if r["status"] == "failed")
     return PreprocessSummary(out, len(rows), processed, skipped, dict(counts), elapsed, failures)
+
+
+def _class_counts(adapter: DatasetAdapter, records: list[ClipRecord],
+                  rows: dict[str, dict]) -> tuple[dict[str, int], dict[str, int]]:
+    """Selected and usable clips per class name, in the adapter's class order."""
+    usable = [r for r in records if rows.get(r.path, {}).get("status") in USABLE_STATUSES]
+    return (class_counts(records, adapter.class_names),
+            class_counts(usable, adapter.class_names))
 
 
 def balanced_task_size(num_clips: int, clips_per_task: int, workers: int) -> int:

@@ -8,7 +8,19 @@ Damaged streams and containers with estimated frame counts (FLV) fall back to th
 and, frame by frame, to the nearest readable frame. A clip that cannot be used raises
 :class:`ClipError` with the reason the manifest records.
 
-decord and PIL are imported inside the functions that need them.
+**Truncated media.** decord counts the frames it can index, so a cut-off file looks like a short
+clip (the first 40 kB of a 65-frame CREMA-D FLV read as 4 frames). The frame count the container
+declares (the stream's frame count, else its duration times the frame rate, read by PyAV from the
+header) is compared with the frames that decode. A shortfall of more than
+:data:`TRUNCATION_TOLERANCE` of the declared frames (and more than
+:data:`TRUNCATION_MIN_FRAMES`; duration-based counts are off by a frame or two) marks the clip
+``truncated: k of N frames decodable``: :class:`DecodedClip` carries the flag and the note, and
+preprocessing records the clip as ``partial``. A truncated clip fails instead (:class:`ClipError`
+with the same reason) when fewer frames decode than the clip samples (``num_frames``: its frames
+would be repeats) or less than :data:`MIN_DECODABLE_FRACTION` of the declared frames (it is no
+longer the labelled clip).
+
+decord, PyAV and PIL are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -23,6 +35,13 @@ import numpy as np
 
 from orchestrator.data.settings import SAMPLING_MODES, PreprocessSettings
 
+# A clip is truncated when more than this fraction of its declared frames does not decode ...
+TRUNCATION_TOLERANCE = 0.1
+# ... and more than this many frames (FLV durations run a frame or two past the last frame).
+TRUNCATION_MIN_FRAMES = 2
+# A truncated clip with less than this fraction of its declared frames decodable fails.
+MIN_DECODABLE_FRACTION = 0.5
+
 
 class ClipError(Exception):
     """A clip cannot be used; ``str(error)`` is the reason recorded in the manifest."""
@@ -36,11 +55,17 @@ class DecodedClip:
         frames: uint8 (T, S, S, 3).
         padded: The source had fewer than T frames.
         notes: Human-readable remarks for the manifest's ``reason`` column.
+        truncated: The container declares many more frames than decode (its note comes first).
+        decodable_frames: Frames that decode (the readable prefix).
+        declared_frames: Frames the container declares, None when it declares none.
     """
 
     frames: np.ndarray
     padded: bool
     notes: list[str] = field(default_factory=list)
+    truncated: bool = False
+    decodable_frames: int = 0
+    declared_frames: int | None = None
 
 
 # ---------------------------------------------------------------- sampling and resizing
@@ -107,7 +132,8 @@ def read_clip(path: str | os.PathLike[str], settings: PreprocessSettings) -> Dec
     (noted in :attr:`DecodedClip.notes`).
 
     Raises:
-        ClipError: The file is missing, empty, unreadable, not a video, or no frame decodes.
+        ClipError: The file is missing, empty, unreadable, not a video, no frame decodes, or it is
+            truncated below the thresholds of the module docstring.
     """
     video = _Video(Path(path), settings.size, settings.size)
     _check_file(video.path)
@@ -119,27 +145,85 @@ def read_clip(path: str | os.PathLike[str], settings: PreprocessSettings) -> Dec
         raise ClipError("the video stream has no frames")
     notes: list[str] = []
     indices, padded = sample_indices(num_source, settings.num_frames, settings.sampling)
+    decodable = num_source
     try:
         frames = _pad_square(_as_rgb(reader.get_batch(indices.tolist()).asnumpy()), settings.size)
     except Exception:  # decord's scaler fails for some output widths (e.g. 48): decode unscaled
-        frames, indices, padded = _read_unscaled(video.path, num_source, indices, padded,
-                                                 settings, notes)
+        frames, indices, padded, decodable = _read_unscaled(video.path, num_source, indices,
+                                                            padded, settings, notes)
+    declared = declared_frames(video.path)
+    truncated = check_truncation(decodable, declared, settings.num_frames)
+    if truncated:
+        notes.insert(0, truncated)
     if padded:
         notes.append(f"padded: {min(num_source, int(indices.max()) + 1)} source frames "
                      f"< {settings.num_frames}")
-    return DecodedClip(frames, padded, notes)
+    return DecodedClip(frames, padded, notes, bool(truncated), decodable, declared)
 
 
 def _read_unscaled(path: Path, num_source: int, indices: np.ndarray, padded: bool,
                    settings: PreprocessSettings,
-                   notes: list[str]) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Second attempt without decoder scaling (PIL resize), then the damaged-stream fallback."""
+                   notes: list[str]) -> tuple[np.ndarray, np.ndarray, bool, int]:
+    """Second attempt without decoder scaling (PIL resize), then the damaged-stream fallback.
+
+    Returns:
+        Frames, the indices read, whether they are padded, and the number of decodable frames.
+    """
     native = _Video(path, -1, -1)
+    decodable = num_source
     try:
         frames = _as_rgb(native.reader().get_batch(indices.tolist()).asnumpy())
     except Exception as error:  # decord raises DECORDError/RuntimeError for bad streams
-        frames, indices, padded = _read_damaged(native, num_source, settings, error, notes)
-    return resize_frames(frames, settings.size, settings.resize), indices, padded
+        frames, indices, padded, decodable = _read_damaged(native, num_source, settings, error,
+                                                           notes)
+    return resize_frames(frames, settings.size, settings.resize), indices, padded, decodable
+
+
+# ---------------------------------------------------------------- truncation
+
+
+def declared_frames(path: str | os.PathLike[str]) -> int | None:
+    """Frames the container's header declares for its first video stream (PyAV, no decoding).
+
+    The stream's frame count when the container stores one (MP4, AVI), else the stream's or the
+    container's duration times the frame rate (FLV, Matroska, WebM); None when PyAV cannot open
+    the file or it declares neither.
+    """
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            rate = stream.average_rate or stream.guessed_rate
+            if stream.duration and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = container.duration / av.time_base if container.duration else 0.0
+    except Exception:  # unreadable headers: decord's own errors describe the file better
+        return None
+    return round(seconds * float(rate)) if rate and seconds > 0 else None
+
+
+def check_truncation(decodable: int, declared: int | None, num_frames: int) -> str:
+    """The ``truncated: k of N frames decodable`` note, or ``""`` for an intact clip.
+
+    Raises:
+        ClipError: Truncated, and fewer than ``num_frames`` or than
+            :data:`MIN_DECODABLE_FRACTION` of the declared frames decode.
+    """
+    if declared is None:
+        return ""
+    missing = declared - decodable
+    if missing <= max(TRUNCATION_MIN_FRAMES, TRUNCATION_TOLERANCE * declared):
+        return ""
+    note = f"truncated: {decodable} of {declared} frames decodable"
+    if decodable < num_frames:
+        raise ClipError(f"{note} (fewer than the {num_frames} frames a clip samples)")
+    if decodable < MIN_DECODABLE_FRACTION * declared:
+        raise ClipError(f"{note} (less than {MIN_DECODABLE_FRACTION:.0%} of the clip)")
+    return note
 
 
 @dataclass(frozen=True)
@@ -209,10 +293,13 @@ def _probe(video: _Video, index: int) -> bool:
 
 
 def _read_damaged(video: _Video, num_source: int, settings: PreprocessSettings,
-                  error: Exception, notes: list[str]) -> tuple[np.ndarray, np.ndarray, bool]:
+                  error: Exception, notes: list[str]) -> tuple[np.ndarray, np.ndarray, bool, int]:
     """Fallback after a failed batch read: the frame count was an estimate (FLV) or the stream is
     damaged. Re-sample within the readable prefix; if that batch fails too, read the frames one by
     one and replace unreadable ones by the nearest readable one.
+
+    Returns:
+        Frames, the indices read, whether they are padded, and the readable prefix's length.
 
     Raises:
         ClipError: No frame decodes.
@@ -225,7 +312,8 @@ def _read_damaged(video: _Video, num_source: int, settings: PreprocessSettings,
         notes.append(f"{readable} of {num_source} frames decodable ({short_error(error)})")
     indices, padded = sample_indices(readable, settings.num_frames, settings.sampling)
     try:
-        return _as_rgb(video.reader().get_batch(indices.tolist()).asnumpy()), indices, padded
+        return (_as_rgb(video.reader().get_batch(indices.tolist()).asnumpy()), indices, padded,
+                readable)
     except Exception:
         pass
     read = {int(i): _read_frame(video, int(i)) for i in np.unique(indices)}
@@ -237,7 +325,7 @@ def _read_damaged(video: _Video, num_source: int, settings: PreprocessSettings,
     missing = int(sum(n != i for n, i in zip(nearest, indices)))
     if missing:
         notes.append(f"{missing} sampled frame(s) unreadable, replaced by the nearest readable one")
-    return np.stack([read[i] for i in nearest]), indices, padded
+    return np.stack([read[i] for i in nearest]), indices, padded, readable
 
 
 def _readable_prefix(video: _Video, num_source: int) -> int:

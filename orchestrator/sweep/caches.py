@@ -1,4 +1,10 @@
-"""The preprocessing caches a sweep trains on: check they exist, or build them from raw videos."""
+"""The preprocessing caches a sweep trains on: pre-flight checks before scheduling, and building them.
+
+:func:`preflight` checks everything a sweep can know before it schedules a trial (caches exist or
+can be built, every encoder fits the frames, folds can be made from each dataset's subjects, a
+cache has usable clips) and reports every problem at once; :func:`build_caches` preprocesses raw
+videos into the caches.
+"""
 
 from __future__ import annotations
 
@@ -12,34 +18,122 @@ from orchestrator.data.cache import (
     MANIFEST_FILE,
     SETTINGS_FILE,
     CacheSettingsError,
+    load_manifest,
     load_settings,
 )
+from orchestrator.data.folds import make_folds
 from orchestrator.data.settings import PreprocessSettings
 from orchestrator.sweep.errors import SweepError
 from orchestrator.sweep.space import SweepSpace
 from orchestrator.trial.config import TrialConfig
+from orchestrator.trial.data import FOLD_SEED
 
 logger = logging.getLogger(__name__)
 
 
-def check_caches_exist(space: SweepSpace, cache_root: Path, data_root: Path | None) -> None:
-    """Fail early when a dataset has no preprocessing cache and no raw videos to build one from.
+def preflight(space: SweepSpace, cache_root: Path, data_root: Path | None) -> None:
+    """Fail before anything is scheduled when a trial of ``space`` could not run, naming every reason.
+
+    With ``data_root`` the caches are built later: their folds are checked once they exist
+    (:func:`check_folds`, called again by the sweep after :func:`build_caches`).
 
     Raises:
-        SweepError: Naming the dataset, the expected cache folder and how to create it.
+        SweepError: One line per problem, each naming the dataset and what to do.
     """
+    problems = cache_problems(space, cache_root, data_root) + encoder_problems(space, cache_root, data_root)
+    if data_root is None:
+        problems += fold_problems(space, cache_root)
+    _raise(problems)
+
+
+def check_folds(space: SweepSpace, cache_root: Path) -> None:
+    """:func:`fold_problems` as an error (after the caches were built).
+
+    Raises:
+        SweepError: One line per dataset whose folds cannot be made.
+    """
+    _raise(fold_problems(space, cache_root))
+
+
+def _raise(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise SweepError(problems[0])
+    if problems:
+        raise SweepError(f"the sweep cannot start ({len(problems)} problems):\n" +
+                         "\n".join(f"  - {p}" for p in problems))
+
+
+def cache_problems(space: SweepSpace, cache_root: Path, data_root: Path | None) -> list[str]:
+    """A dataset without a preprocessing cache and without raw videos to build one from."""
+    problems = []
     for dataset in space.datasets:
         target = cache_root / dataset
         if data_root is not None:
             if not (data_root / dataset).is_dir():
-                raise SweepError(f"raw videos for dataset {dataset!r} not found at {data_root / dataset} "
-                                 "(--data-root must hold one folder per dataset)")
+                problems.append(f"raw videos for dataset {dataset!r} not found at {data_root / dataset} "
+                                "(--data-root must hold one folder per dataset)")
         elif not (target / MANIFEST_FILE).is_file():
-            raise SweepError(
-                f"no preprocessing cache for dataset {dataset!r} at {target} (manifest.csv missing); "
+            problems.append(
+                f"no preprocessing cache for dataset {dataset!r} at {target} ({MANIFEST_FILE} missing); "
                 f"pass --data-root DIR with the raw videos under DIR/{dataset}, or run "
-                f"`mtcae preprocess --dataset {dataset} --root RAW --out {target}` first"
-            )
+                f"`mtcae preprocess --dataset {dataset} --root RAW --out {target}` first")
+    return problems
+
+
+def encoder_problems(space: SweepSpace, cache_root: Path, data_root: Path | None) -> list[str]:
+    """An encoder of the space that cannot take a dataset's frames.
+
+    The frame size and count come from the space's ``preprocess`` when the caches are built now
+    (``data_root``), else from each existing cache. An LGI-Former's regions must tile its token
+    grid (2x5x10 needs 160 px), and every encoder needs frames divisible by its patches.
+    """
+    defaults, problems = PreprocessSettings(), []
+    for dataset in space.datasets:
+        if data_root is not None:
+            size, frames = space.preprocess.get("size", defaults.size), defaults.num_frames
+        elif (cache_root / dataset / SETTINGS_FILE).is_file():
+            settings = load_settings(cache_root / dataset)
+            size, frames = settings["size"], settings["num_frames"]
+        else:
+            continue
+        for encoder in _encoders(space):
+            try:
+                resolve_encoder_config(encoder, img_size=size, num_frames=frames)
+            except ValueError as err:
+                problems.append(f"encoder {encoder!r} does not fit dataset {dataset!r} at {frames} frames "
+                                f"of {size} px: {err} (set preprocess.size in the space, and use a "
+                                f"--cache root built at that size)")
+    return problems
+
+
+def fold_problems(space: SweepSpace, cache_root: Path) -> list[str]:
+    """A cache with no usable clip, or too few subjects (or classes) for the space's folds."""
+    problems = []
+    for dataset in space.datasets:
+        target = cache_root / dataset
+        if not (target / MANIFEST_FILE).is_file():
+            continue
+        manifest = load_manifest(target)
+        if manifest.empty:
+            problems.append(f"the cache of dataset {dataset!r} at {target} has no usable clip (every clip "
+                            f"failed; the reasons are in {target / MANIFEST_FILE})")
+            continue
+        try:
+            make_folds(manifest, n_folds=space.n_folds, seed=FOLD_SEED)
+        except ValueError as err:
+            subjects = manifest["subject"].nunique()
+            problems.append(f"dataset {dataset!r} ({subjects} subjects with usable clips in {target}) cannot "
+                            f"be split into n_folds={space.n_folds} subject-independent folds: {err}")
+    return problems
+
+
+def _encoders(space: SweepSpace) -> list[str]:
+    """Every encoder preset a trial of ``space`` may use (fixed or searched)."""
+    names = [str(space.fixed.get("encoder", TrialConfig.model_fields["encoder"].default))]
+    for param in space.search.params if space.search else ():
+        if param.name == "encoder":
+            names += [str(v) for v in param.values]
+    return names
 
 
 def build_caches(space: SweepSpace, cache_root: Path, data_root: Path) -> None:
@@ -64,40 +158,3 @@ def build_caches(space: SweepSpace, cache_root: Path, data_root: Path) -> None:
         logger.info("%s", summary.format())
         if summary.usable == 0:
             raise SweepError(f"no usable clip of dataset {dataset!r} in {target}; see its manifest.csv")
-
-
-def check_encoders_fit(space: SweepSpace, cache_root: Path, data_root: Path | None) -> None:
-    """Fail before scheduling when an encoder of the space cannot take a dataset's frames.
-
-    The frame size and count come from the space's ``preprocess`` when the caches are built now
-    (``data_root``), else from each existing cache. An LGI-Former's regions must tile its token
-    grid (2x5x10 needs 160 px), and every encoder needs frames divisible by its patches.
-
-    Raises:
-        SweepError: Naming the encoder, the dataset and the frame geometry, with what fits.
-    """
-    defaults = PreprocessSettings()
-    for dataset in space.datasets:
-        if data_root is not None:
-            size, frames = space.preprocess.get("size", defaults.size), defaults.num_frames
-        elif (cache_root / dataset / SETTINGS_FILE).is_file():
-            settings = load_settings(cache_root / dataset)
-            size, frames = settings["size"], settings["num_frames"]
-        else:
-            continue
-        for encoder in _encoders(space):
-            try:
-                resolve_encoder_config(encoder, img_size=size, num_frames=frames)
-            except ValueError as err:
-                raise SweepError(f"encoder {encoder!r} does not fit dataset {dataset!r} at {frames} frames "
-                                 f"of {size} px: {err} (set preprocess.size in the space, and use a "
-                                 f"--cache root built at that size)") from err
-
-
-def _encoders(space: SweepSpace) -> list[str]:
-    """Every encoder preset a trial of ``space`` may use (fixed or searched)."""
-    names = [str(space.fixed.get("encoder", TrialConfig.model_fields["encoder"].default))]
-    for param in space.search.params if space.search else ():
-        if param.name == "encoder":
-            names += [str(v) for v in param.values]
-    return names

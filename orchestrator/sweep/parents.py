@@ -72,3 +72,12 @@ def start_parent_runs(tracking_uri: str, parents: Parents, space: SweepSpace, st
     log_to_run(tracking_uri, parents.sweep_run, params, status=status)
     for run_id in parents.group_runs.values():
         log_to_run(tracking_uri, run_id, status=status)
+
+
+def close_parent_runs(tracking_uri: str, parents: Parents, status: str) -> None:
+    """End the sweep's and every group's parent run with ``status`` (``FAILED`` or ``KILLED``).
+
+    A resumed sweep sets them ``RUNNING`` again (:func:`start_parent_runs`).
+    """
+    for run_id in (parents.sweep_run, *parents.group_runs.values()):
+        log_to_run(tracking_uri, run_id, status=status)

@@ -49,14 +49,14 @@ from pathlib import Path
 from typing import Any
 
 import vocab
-from orchestrator.sweep.caches import (
-    build_caches,
-    check_caches_exist,
-    check_encoders_fit,
-)
+from orchestrator.sweep.caches import build_caches, check_folds, preflight
 from orchestrator.sweep.cluster import init_ray, is_local
-from orchestrator.sweep.errors import SweepError
-from orchestrator.sweep.parents import create_parent_runs, start_parent_runs
+from orchestrator.sweep.errors import SweepError, SweepInterrupted
+from orchestrator.sweep.parents import (
+    close_parent_runs,
+    create_parent_runs,
+    start_parent_runs,
+)
 from orchestrator.sweep.result import SweepResult
 from orchestrator.sweep.space import SweepSpace, find_search_space
 from orchestrator.sweep.space_file import load_search_space
@@ -121,7 +121,7 @@ def run_sweep(
         gpus_per_trial: Override ``resources.gpu`` (fractions share a GPU).
         stages: Stages to run now (``search``, ``cv``); the default runs both.
         reuse_actors: Reuse trial actors (cheaper on CPU; keep False for GPU trials).
-        check_caches: Fail early when a dataset has no preprocessing cache.
+        check_caches: Run the pre-flight checks (caches, encoders, folds) before scheduling.
         progress_interval_s: Seconds between progress views while nothing finishes.
 
     Returns:
@@ -140,8 +140,7 @@ def run_sweep(
     state.settings = settings
     data_root = _path_or_none(data_root)
     if check_caches:
-        check_caches_exist(space, Path(settings["cache"]), data_root)
-        check_encoders_fit(space, Path(settings["cache"]), data_root)
+        preflight(space, Path(settings["cache"]), data_root)
     parents = create_parent_runs(settings["tracking_uri"], settings["experiment"], name, space)
     start_parent_runs(settings["tracking_uri"], parents, space, state)
     state.save()
@@ -154,10 +153,16 @@ def run_sweep(
     try:
         if data_root is not None:
             build_caches(space, Path(settings["cache"]), data_root)
+            if check_caches:
+                check_folds(space, Path(settings["cache"]))
         run = make_run(space, name, settings, sweep_dir, state, parents, trainable, gpus_per_trial,
                         local=is_local(mode), reuse_actors=reuse_actors,
                         progress_interval_s=progress_interval_s)
         result = run_stages(run, parents, stages)
+    except BaseException as err:  # no parent run stays RUNNING after a stop or a failure
+        stopped = isinstance(err, (KeyboardInterrupt, SweepInterrupted))
+        close_parent_runs(settings["tracking_uri"], parents, "KILLED" if stopped else "FAILED")
+        raise
     finally:
         if mode != "existing":
             import ray
