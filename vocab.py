@@ -78,6 +78,16 @@ STAGE_SWEEP = "sweep"
 STAGE_GROUP = "group"
 
 
+# ---------------------------------------------------------------------------------- selection
+
+# What an epoch's weights, a configuration and a table row are chosen on: one validation metric,
+# with its direction. ``val_accuracy`` is the released code's ModelCheckpoint/EarlyStopping monitor.
+SELECTION_METRICS: dict[str, str] = {
+    "val_accuracy": "max", "val_uar": "max", "val_war": "max", "val_loss": "min", "val_loss_expr": "min",
+}
+DEFAULT_SELECTION_METRIC = "val_accuracy"
+
+
 # ----------------------------------------------------------------------- presets and switches
 
 VIDEOMAE_PRESETS: tuple[str, ...] = ("tiny", "vit_small", "vit_base", "vit_large")  # the paper's family

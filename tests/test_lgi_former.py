@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model import ARCHITECTURES, ModelConfig, build_model
 from model.checkpoint import (
     CheckpointMismatchError,
     IncompatibleCheckpointError,
@@ -33,6 +34,7 @@ from model.lgi_former import (
     lgi_former_config,
     lgi_former_flops,
 )
+from vocab import STL
 
 Sd = dict[str, torch.Tensor]
 S, T = 32, 4  # tiny clips: a (2, 2, 2) token grid, 2 regions of 2x1x2 tokens
@@ -379,3 +381,17 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
         grads.append([p.grad for p in enc.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_runs_on_the_lgi_former(arch: str) -> None:
+    cfg = ModelConfig(encoder="lgi_former_tiny", num_frames=16, img_size=32, num_classes=5, decoder="official",
+                      freeze_encoder=False)
+    net = build_model(arch, cfg)
+    assert isinstance(net.encoder, LGIFormerEncoder) and net.encoder.cfg.num_tokens == 8 * 2 * 2
+    out = net(torch.randn(2, 3, 16, 32, 32))
+    assert out.logits.shape == (2, 5)
+    if arch != STL:
+        assert out.boxes.shape == (2, 16, 4) and out.landmarks.shape == (2, 16, 5, 2)
+    out.logits.sum().backward()
+    assert net.encoder.lg_region_tokens.grad is not None, "the encoder is part of the graph"

@@ -182,7 +182,12 @@ MALFORMED = {
     "search fold out of range": (
         VALID.replace("  num_samples: 2\n", "  num_samples: 2\n  folds: [5]\n"), "search.folds[0]", "not in 0..1"),
     "test metric": (
-        VALID.replace("n_folds: 2\n", "n_folds: 2\nmetric: test_uar\n"), "metric", "never on test metrics"),
+        VALID.replace("n_folds: 2\n", "n_folds: 2\nmetric: test_uar\n"), "metric", "selection never sees the test fold"),
+    "unknown metric": (
+        VALID.replace("n_folds: 2\n", "n_folds: 2\nmetric: val_f1\n"), "metric", "not a metric the trainable selects on"),
+    "mode against metric": (
+        VALID.replace("n_folds: 2\n", "n_folds: 2\nmetric: val_loss\nmode: max\n"), "mode",
+        "contradicts metric 'val_loss'"),
     "ASHA over several folds": (
         VALID.replace("  num_samples: 2\n", "  num_samples: 2\n  scheduler: {type: asha}\n"),
         "search.scheduler", "exactly one search fold"),

@@ -60,10 +60,12 @@ class Collect:
 
     def __init__(self) -> None:
         self.reports: list[dict[str, float]] = []
+        self.last_state: dict | None = None
 
     def __call__(self, metrics: dict[str, float], checkpoint: Path) -> None:
         assert (checkpoint / ckpt_io.CHECKPOINT_FILE).is_file()
         self.reports.append(dict(metrics))
+        self.last_state = ckpt_io.load_checkpoint(checkpoint)
 
 
 def deterministic(metrics: dict[str, float]) -> dict[str, float]:
@@ -444,3 +446,62 @@ def test_train_help_lists_the_architectures_and_every_settable_key() -> None:
     for key in SETTABLE_KEYS:
         assert f"{key} [" in out, key
     assert "mtcae_runs/cache/demo" in out, "examples use the cache `mtcae demo` leaves behind"
+
+
+class Payload:
+    """Pickles as a call to ``open(marker, "w")``: what a poisoned checkpoint would run on load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_poisoned_checkpoint_runs_nothing_on_resume(cache: TinyCache, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    out, marker = tmp_path / "out", tmp_path / "pwned"
+    args = ["train", "--cache", str(cache.root), "--arch", "stl", "--epochs", "1", "--set", "encoder=tiny",
+            "--set", "n_folds=3", "--set", "batch_size=4", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    (state,) = out.glob(f"checkpoints/*/{ckpt_io.CHECKPOINT_FILE}")
+    torch.save({"format": ckpt_io.CHECKPOINT_FORMAT, "model": Payload(marker)}, state)
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 2
+    assert not marker.exists(), "loading the checkpoint executed its payload"
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(state) in err and "delete it to start the trial over" in err
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated", "garbage", "other_format"])
+def test_every_bad_checkpoint_is_named_in_one_error(tmp_path: Path, damage: str) -> None:
+    """What ``train_trial`` reads from ``tune.get_checkpoint().as_directory()`` on a Tune restore."""
+    directory, marker = tmp_path / "ckpt", tmp_path / "pwned"
+    good = {"format": ckpt_io.CHECKPOINT_FORMAT, "model": {"w": torch.ones(64)}, "rng": {"x": np.float64(1.5)}}
+    file = ckpt_io.save_checkpoint_file(good, directory)
+    assert ckpt_io.load_checkpoint(directory)["rng"] == {"x": 1.5}
+    if damage == "pickle":
+        torch.save({"format": ckpt_io.CHECKPOINT_FORMAT, "x": Payload(marker)}, file)
+    elif damage == "truncated":
+        file.write_bytes(file.read_bytes()[:200])
+    elif damage == "garbage":
+        file.write_bytes(b"not a checkpoint at all")
+    else:
+        torch.save({"format": 1, "model": {}}, file)
+    with pytest.raises(ckpt_io.TrialCheckpointError, match=str(file)):
+        ckpt_io.load_checkpoint(directory)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("metric", ["val_loss", "val_uar"])
+def test_the_selection_metric_picks_the_tested_epoch(cache: TinyCache, metric: str) -> None:
+    collect = Collect()
+    final = run_trial(config(cache, epochs=6, early_stop_patience=10, lr=0.02, select_metric=metric), collect)
+    history = [r[metric] for r in collect.reports]
+    direction = vocab.SELECTION_METRICS[metric]
+    best = min(history) if direction == "min" else max(history)
+    assert final["best_epoch"] == history.index(best) and final[f"best_{metric}"] == best
+    trial = Trial(config(cache, epochs=6, select_metric=metric), td.load_trial_data(config(cache)))
+    ckpt_io.load_trainable_state(trial.model, collect.last_state["best_state"])
+    tested = trial.evaluate("test").summary(len(trial.data.class_names))
+    assert tested["uar"] == pytest.approx(final["test_uar"]) and tested["loss"] == pytest.approx(final["test_loss"])

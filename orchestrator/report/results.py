@@ -15,8 +15,9 @@ Conventions:
   failed folds (``FAILED``/``KILLED``/finished without test metrics) and running folds are counted
   next to every mean: they are never silently averaged away.
 * When a (dataset, arch) group holds several configurations (``config_hash``), the one with the
-  most done folds, then the best mean ``best_val_uar`` (validation UAR at the best epoch; the last
-  ``val_uar`` for runs without it), is reported: the choice never looks at test metrics.
+  most done folds, then the best mean of its own selection metric at its selected epoch
+  (``best_<select_metric>``, the quantity that chose its tested weights and its Optuna score; the
+  last epoch's value for runs that predate it), is reported: the choice never looks at test metrics.
 """
 
 from __future__ import annotations
@@ -47,8 +48,6 @@ logger = logging.getLogger(__name__)
 
 SCALE = 100.0  # fractions -> percent
 DEFAULT_N_FOLDS = 5  # paper: 5-fold cross-validation; used when runs carry no n_folds param
-# Configuration choice: validation UAR at the best epoch (the trainable logs it), else the last one.
-SELECT_METRICS = ("best_val_uar", "val_uar")
 DONE, FAILED, RUNNING = "done", "failed", "running"
 RUN_KEY = ["dataset", "arch", "config_hash", "fold"]
 
@@ -273,11 +272,23 @@ def aggregate(runs: pd.DataFrame, n_folds: int | None = None) -> pd.DataFrame:
     return _sort_groups(agg).drop(columns="select_score")
 
 
+def select_metric(runs: pd.DataFrame) -> str:
+    """The selection metric the runs were trained with (their ``select_metric`` param).
+
+    Runs logged before the param existed were chosen on validation UAR, which stays their metric.
+    """
+    column = runs.get("param.select_metric")
+    values = column.dropna() if column is not None else pd.Series([], dtype=object)
+    return str(values.iloc[0]) if len(values) else "val_uar"
+
+
 def _selection_score(done: pd.DataFrame) -> float:
-    """Mean validation score of a configuration's done folds (never a test metric)."""
-    for metric in SELECT_METRICS:
-        if metric in done and done[metric].notna().any():
-            return float(done[metric].mean())
+    """Mean over done folds of ``best_<select_metric>`` (higher is better; a loss is negated)."""
+    metric = select_metric(done)
+    sign = 1.0 if vocab.SELECTION_METRICS.get(metric, "max") == "max" else -1.0
+    for column in (f"best_{metric}", metric):
+        if column in done and done[column].notna().any():
+            return sign * float(done[column].mean())
     return np.nan
 
 

@@ -25,7 +25,6 @@ import pandas as pd
 from orchestrator.report import paper
 from orchestrator.report.results import (
     SCALE,
-    SELECT_METRICS,
     arch_rank,
     chosen_runs,
     dataset_rank,
@@ -111,8 +110,8 @@ def _notes_for_groups(agg: pd.DataFrame) -> list[str]:
                          + "; ".join(problems))
         if row.n_configs > 1:
             notes.append(f"{paper.dataset_display(row.dataset)} / {row.arch}: config "
-                         f"{row.config_hash} chosen among {row.n_configs} by folds done, then mean "
-                         f"{'/'.join(SELECT_METRICS)}")
+                         f"{row.config_hash} chosen among {row.n_configs} by folds done, then the "
+                         f"mean of its selection metric at the selected epoch (never a test metric)")
     return notes
 
 

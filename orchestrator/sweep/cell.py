@@ -41,6 +41,7 @@ class CellContext:
         tracking_uri: MLflow tracking URI every trial logs to.
         experiment: MLflow experiment name.
         group_runs: Group key -> MLflow run id of the group's parent run.
+        select_metric: The space's ``metric``: every trial selects its tested epoch on it.
     """
 
     trainable: Callable[[dict], Any] | str
@@ -53,6 +54,7 @@ class CellContext:
     tracking_uri: str
     experiment: str
     group_runs: Mapping[str, str]
+    select_metric: str = vocab.DEFAULT_SELECTION_METRIC
 
     def trial_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """The flat trial config of one Tune trial (only keys the trainable accepts)."""
@@ -69,7 +71,7 @@ class CellContext:
             **hyper,
             "dataset": dataset, "arch": arch, "fold": fold, "n_folds": self.n_folds,
             "cache_dir": str(Path(self.cache_root) / dataset),
-            "sweep": self.sweep, "stage": self.stage,
+            "sweep": self.sweep, "stage": self.stage, "select_metric": self.select_metric,
             "tracking_uri": self.tracking_uri, "experiment": self.experiment,
             "parent_run_id": self.group_runs.get(key),
             "trial_key": f"{self.sweep}/{self.stage}/{dataset}/{arch}/{digest}/f{fold}",

@@ -123,7 +123,11 @@ class FoldCVSearcher(Searcher):
             self.on_trial_result(trial_id, result)
         index, fold = self._assigned.pop(trial_id)
         config = self._configs[index]
-        score = None if error else self._best.pop(trial_id, None)
+        tracked = self._best.pop(trial_id, None)
+        # The trial's own record of its selected epoch when it finished (the same quantity the
+        # tested weights and the tables use), else the best reported value (a pruned trial).
+        final = (result or {}).get(f"best_{self._metric}")
+        score = None if error else (float(final) if isinstance(final, (int, float)) else tracked)
         pruned = bool(self._prune_without) and not self._finished_naturally.pop(trial_id, False)
         config["folds"][str(fold)] = {"score": score, "pruned": pruned and not error}
         if len(config["folds"]) == len(self._folds):

@@ -67,10 +67,11 @@ def _below_n_folds(fold: int, info: ValidationInfo) -> int:
 
 
 def _validation_metric(metric: str) -> str:
-    if not metric.startswith("val_"):
-        raise ValueError(f"{metric!r} is not a validation metric; configurations are selected on "
-                         "validation metrics (val_uar, val_war, val_accuracy, val_loss, ...), never "
-                         "on test metrics")
+    if metric not in vocab.SELECTION_METRICS:
+        kind = "a test metric: selection never sees the test fold" if metric.startswith("test_") else \
+            "not a metric the trainable selects on"
+        raise ValueError(f"{metric!r} is {kind}; expected one of {list(vocab.SELECTION_METRICS)} (the same "
+                         "metric picks the tested epoch, the Optuna objective and the tables' configuration)")
     return metric
 
 
@@ -142,12 +143,22 @@ class _File(BaseModel):
     n_folds: Annotated[int, Field(strict=True, ge=2)]
     folds: Folds | None = None  # default: all folds
     metric: Annotated[str, AfterValidator(_validation_metric)] = "val_uar"
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] | None = None  # default: the metric's own direction
     fixed: dict[str, Any] = {}
     search: _Search | None = None
     preprocess: _Preprocess = _Preprocess()
     resources: Resources = Resources()
     failure: _Failure = _Failure()
+
+    @field_validator("mode")
+    @classmethod
+    def _mode_fits_metric(cls, mode: str | None, info: ValidationInfo) -> str | None:
+        metric = info.data.get("metric")
+        wanted = vocab.SELECTION_METRICS.get(metric)
+        if mode is not None and wanted is not None and mode != wanted:
+            raise ValueError(f"{mode!r} contradicts metric {metric!r}, which is selected by its "
+                             f"{wanted}imum; drop `mode` or set it to {wanted!r}")
+        return mode
 
     @field_validator("fixed", "preprocess", "resources", "failure", mode="before")
     @classmethod
@@ -255,7 +266,7 @@ def _sweep_space(path: Path, file: _File, fixed: dict[str, Any], params: tuple[P
     return SweepSpace(
         path=path, name=path.stem, description=file.description, datasets=file.datasets,
         archs=file.archs, n_folds=file.n_folds, folds=file.folds or all_folds, metric=file.metric,
-        mode=file.mode, fixed=fixed, search=search, resources=file.resources,
+        mode=file.mode or vocab.SELECTION_METRICS[file.metric], fixed=fixed, search=search, resources=file.resources,
         preprocess=file.preprocess.model_dump(exclude_none=True), max_failures=file.failure.max_failures,
     )
 

@@ -159,7 +159,7 @@ def make_run(space: SweepSpace, name: str, settings: Mapping[str, str], sweep_di
         trainable=trainable or DEFAULT_TRAINABLE, stage=vocab.STAGE_SEARCH, sweep=name,
         n_folds=space.n_folds, cache_root=settings["cache"], fixed=dict(space.fixed), chosen={},
         tracking_uri=settings["tracking_uri"], experiment=settings["experiment"],
-        group_runs=dict(parents.group_runs),
+        group_runs=dict(parents.group_runs), select_metric=space.metric,
     )
     resources = trial_resources(space, gpus_per_trial, local)
     logger.info("[%s] each trial requests %s", name, resources)

@@ -1,7 +1,9 @@
 """Trial checkpoints: the trained weights, optimizer and loop state of one trial, on disk.
 
 A frozen encoder is not stored (it is rebuilt from its seed or its own checkpoint); its weights'
-fingerprint is, so a checkpoint never continues on top of other encoder weights.
+fingerprint is, so a checkpoint never continues on top of other encoder weights. A checkpoint
+holds tensors and plain Python values only and is read with ``torch.load(weights_only=True)``:
+nothing in a file on shared Tune storage can run code on the worker that restores it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from model import MTCAEModel
@@ -22,7 +25,11 @@ Reporter = Callable[[dict[str, float], Path], None]  # (metrics, checkpoint dire
 CHECKPOINT_FILE = "state.pt"
 
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: tensors and plain values only (read with weights_only=True)
+
+
+class TrialCheckpointError(ValueError):
+    """A trial checkpoint cannot be used; the message names the file and what to do."""
 
 
 def trainable_state_dict(model: MTCAEModel) -> dict[str, torch.Tensor]:
@@ -46,28 +53,47 @@ def load_trainable_state(model: MTCAEModel, state: Mapping[str, torch.Tensor]) -
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
-    """Read a trial checkpoint: a directory holding ``state.pt`` or the file itself.
+    """Read a trial checkpoint (a directory holding ``state.pt`` or the file itself), executing nothing.
 
     Raises:
         FileNotFoundError: No checkpoint there.
-        ValueError: Not a trial checkpoint of this format.
+        TrialCheckpointError: The file is truncated or corrupt, holds anything but tensors and plain
+            values (a pickled object would run code: it is refused unread), or is not a trial
+            checkpoint of this format.
     """
     path = Path(path)
     file = path / CHECKPOINT_FILE if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"no trial checkpoint at {file}")
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError (a forbidden global), corrupt zip, truncated file
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise TrialCheckpointError(f"{file} cannot be read as an mtcae trial checkpoint (tensors and plain "
+                                   f"values only): {reason}; delete it to start the trial over") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{file} is not an mtcae trial checkpoint (format {CHECKPOINT_FORMAT})")
+        raise TrialCheckpointError(f"{file} is not an mtcae trial checkpoint of format {CHECKPOINT_FORMAT}; "
+                                   "delete it to start the trial over")
     return state
 
 
+def plain(value: Any) -> Any:
+    """``value`` with NumPy scalars as Python scalars, in dicts, lists and tuples (tensors kept)."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def save_checkpoint_file(state: Mapping[str, Any], directory: Path) -> Path:
-    """Write ``state`` to ``directory/state.pt`` atomically (tmp + ``os.replace``)."""
+    """Write ``state`` to ``directory/state.pt`` atomically (tmp + ``os.replace``), plain values only."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / CHECKPOINT_FILE
     tmp = directory / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
-    torch.save(dict(state), tmp)
+    torch.save(plain(dict(state)), tmp)
     os.replace(tmp, final)
     return final
 

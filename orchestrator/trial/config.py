@@ -30,7 +30,7 @@ DEFAULT_EXPERIMENT = "mtcae"
 
 # Set by the sweep for every trial; a search space may not set them.
 SWEEP_KEYS = frozenset({"dataset", "arch", "fold", "n_folds", "cache_dir", "sweep", "stage",
-                        "tracking_uri", "experiment", "parent_run_id", "trial_key"})
+                        "tracking_uri", "experiment", "parent_run_id", "trial_key", "select_metric"})
 # Where a trial is logged, not what it is: not hashed, not logged as params.
 TRACKING_KEYS = frozenset({"tracking_uri", "experiment", "parent_run_id", "trial_key"})
 # Neither changes results: left out of the config hash and of the resume check.
@@ -118,6 +118,9 @@ class TrialConfig(BaseModel):
             EarlyStopping(patience=50) in the released code).
         lr_patience: Epochs without a validation expression-loss gain before the LR drops (10).
         lr_factor: LR multiplier on a plateau (0.1).
+        select_metric: The validation metric that picks the tested epoch's weights and drives early
+            stopping (``vocab.SELECTION_METRICS``, with its direction). A sweep sets it to its space's
+            ``metric``, so the epoch, the Optuna objective and the tables' choice are one quantity.
         precision: ``auto`` (bf16 on CUDA if supported, else fp16; fp32 on CPU), ``fp32``,
             ``bf16`` or ``fp16`` (CUDA only, with loss scaling).
         feature_cache: ``auto`` (on when the encoder is frozen), ``on`` or ``off``.
@@ -163,6 +166,7 @@ class TrialConfig(BaseModel):
     early_stop_patience: PositiveInt = 50
     lr_patience: PositiveInt = 10
     lr_factor: Annotated[float, Plain, Field(gt=0.0, lt=1.0)] = 0.1
+    select_metric: Literal[tuple(vocab.SELECTION_METRICS)] = vocab.DEFAULT_SELECTION_METRIC
     precision: Literal[vocab.PRECISIONS] = "auto"
     feature_cache: Annotated[Literal[vocab.FEATURE_CACHE_MODES], BeforeValidator(_on_off)] = "auto"
     num_workers: Annotated[int, Plain, Field(ge=0)] = 0

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import vocab
 from model import (
     ModelConfig,
     MultiTaskLoss,
@@ -86,7 +87,7 @@ EPOCH_METRICS = (
     "epoch", "lr", "epoch_time_s",
     "train_loss", "train_loss_expr", "train_loss_box", "train_loss_landmark", "train_accuracy",
     "val_loss", "val_loss_expr", "val_loss_box", "val_loss_landmark", "val_uar", "val_war", "val_accuracy",
-    "best_epoch", "best_val_accuracy", "best_val_uar",
+    "best_epoch", *(f"best_{m}" for m in vocab.SELECTION_METRICS),
 )
 # Added to the last epoch's report, plus ``test_recall_<class>`` per class present in the test fold.
 FINAL_METRICS = ("test_loss", "test_loss_expr", "test_loss_box", "test_loss_landmark",
@@ -110,19 +111,22 @@ def model_config(cfg: TrialConfig, num_classes: int, num_frames: int, img_size: 
 
 @dataclass
 class EarlyStopping:
-    """Keras ``EarlyStopping(monitor=val accuracy, patience, min_delta=0)``: stop after ``patience``
-    epochs without a strict gain; the best epoch is the first one reaching the maximum (what
-    ``ModelCheckpoint(save_best_only=True)`` keeps in the released code)."""
+    """Keras ``EarlyStopping(monitor, patience, min_delta=0)``: stop after ``patience`` epochs without
+    a strict gain; the best epoch is the first one reaching the optimum (what
+    ``ModelCheckpoint(save_best_only=True)`` keeps in the released code, which monitors val accuracy).
+    ``mode`` is ``max`` or ``min`` (``vocab.SELECTION_METRICS``)."""
 
     patience: int
-    best: float = -math.inf
+    mode: str = "max"
+    best: float | None = None
     best_epoch: int = -1
     wait: int = 0
     stopped: bool = False
 
     def update(self, value: float, epoch: int) -> bool:
         """Record one epoch's value; True when it is a new best."""
-        if value > self.best:
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better and not math.isnan(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             return True
         self.wait += 1
@@ -174,7 +178,8 @@ class Trial:
         warn_if_heavy_on_cpu(self.model, cfg.encoder, clips, cfg.epochs, cfg.batch_size,
                              cfg.uses_feature_cache, self.device)
         self.source = self._make_source(progress)
-        self.state = TrainState(stopper=EarlyStopping(cfg.early_stop_patience))
+        mode = vocab.SELECTION_METRICS[cfg.select_metric]
+        self.state = TrainState(stopper=EarlyStopping(cfg.early_stop_patience, mode))
 
     def _make_source(self, progress: bool) -> TokenSource | VideoSource:
         if not self.cfg.uses_feature_cache:
@@ -242,13 +247,13 @@ class Trial:
         val = self.evaluate("val").summary(len(self.data.class_names))
         self.scheduler.step(val["loss_expr"])
         stopper = self.state.stopper
-        if stopper.update(val["accuracy"], epoch):
+        scores = {f"val_{k}": v for k, v in val.items() if k != "per_class_recall"}
+        if stopper.update(scores[self.cfg.select_metric], epoch):
             self.state.best_state = trainable_state_dict(self.model)
-            self.state.best_metrics = {"val_accuracy": val["accuracy"], "val_uar": val["uar"]}
-        metrics = {"epoch": epoch, "lr": lr, "epoch_time_s": time.perf_counter() - start, **train}
-        metrics |= {f"val_{k}": v for k, v in val.items() if k != "per_class_recall"}
-        metrics |= {"best_epoch": stopper.best_epoch, "best_val_accuracy": stopper.best,
-                    "best_val_uar": self.state.best_metrics["val_uar"]}
+            self.state.best_metrics = {m: scores[m] for m in vocab.SELECTION_METRICS}
+        metrics = {"epoch": epoch, "lr": lr, "epoch_time_s": time.perf_counter() - start, **train, **scores}
+        metrics |= {"best_epoch": stopper.best_epoch}
+        metrics |= {f"best_{m}": v for m, v in (self.state.best_metrics or {}).items()}
         self.state.epoch, self.state.last_metrics = epoch, metrics
         return metrics
 
