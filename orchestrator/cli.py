@@ -194,6 +194,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--split-file", type=Path, default=None,
+                   help="a published subject split (MAE-DFER's splitNN/ folders, `subject fold` lines or "
+                   "JSON): its folds replace the computed ones (stored in <out>/folds/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_run_train)
 
@@ -211,7 +214,7 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         final = train_one_fold(args.cache, args.arch, args.fold, epochs=args.epochs, overrides=overrides,
                                out=args.out, tracking_uri=args.tracking_uri, resume=args.resume,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, split_file=args.split_file)
     except (FileNotFoundError, ValueError) as err:
         print(f"mtcae train: {err}", file=sys.stderr)
         return 2

@@ -249,3 +249,31 @@ def test_settings_change_with_protocol() -> None:
 def test_records_to_frame_columns() -> None:
     frame = records_to_frame([ClipRecord("a.mp4", 1, "x", "01")])
     assert list(frame.columns) == ["path", "label", "label_name", "subject"]
+
+
+def test_folder_links_are_walked_once_and_loops_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "ravdess"
+    touch(root, ravdess_name(2, 1, 3), ravdess_name(2, 1, 4))
+    actor = root / "Actor_01"
+    (actor / "loop").symlink_to(root, target_is_directory=True)  # Actor_01/loop -> the root: a loop
+    (root / "Actor_01_again").symlink_to(actor, target_is_directory=True)  # a second link to one folder
+    with caplog.at_level(logging.WARNING, logger="orchestrator.data.datasets"):
+        paths = [r.path for r in DATASETS["ravdess"].scan(root)]
+    assert paths == [ravdess_name(2, 1, 3), ravdess_name(2, 1, 4)]
+    skipped = [r.getMessage() for r in caplog.records if "already walked" in r.getMessage()]
+    assert len(skipped) == 2
+
+
+def test_clip_ids_are_unique_and_do_not_depend_on_the_other_clips() -> None:
+    from orchestrator.data.cache import make_clip_ids
+    from orchestrator.data.datasets import ClipRecord
+
+    names = ["Actor_01/café.mp4", "Actor_01/cafè.mp4", "Actor_01/x.mp4", "Actor_01/x.flv", "Actor_01/plain.mp4"]
+    records = [ClipRecord(n, 0, "neutral", "01") for n in names]
+    ids = make_clip_ids(records)
+    assert len(set(ids)) == len(ids) and ids[-1] == "Actor_01__plain"
+    alone = {n: make_clip_ids([r])[0] for n, r in zip(names, records)}
+    assert alone["Actor_01/café.mp4"] == ids[0], "a lossy name carries its path's hash whatever else exists"
+    assert make_clip_ids(records[::-1]) == ids[::-1]
+    with pytest.raises(ValueError, match="listed twice"):
+        make_clip_ids(records + records[:1])

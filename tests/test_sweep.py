@@ -67,7 +67,9 @@ def fake_trial(config: dict) -> None:
         with checkpoint.as_directory() as directory:
             start = json.loads((Path(directory) / "state.json").read_text())["epoch"] + 1
     _append(channel / "calls.jsonl", {"trial_key": config["trial_key"], "start": start,
-                                      "stage": config["stage"], "pid": os.getpid()})
+                                      "stage": config["stage"], "pid": os.getpid(),
+                                      "folds_file": config.get("folds_file"),
+                                      "select_metric": config.get("select_metric")})
     tags = {k: config[k] for k in ("dataset", "arch", "fold", "sweep", "stage")}
     tags["config_hash"] = config["trial_key"].rsplit("/", 2)[1]
     params = {k: v for k, v in config.items() if k not in ("tracking_uri", "experiment", "parent_run_id")}
@@ -225,6 +227,25 @@ def test_smoke_sweep_completes_with_the_right_mlflow_runs(smoke) -> None:
     assert len(set(search_runs)) == 8  # 2 archs x 2 configs x 2 folds, each a distinct run
     _assert_no_duplicate_steps(client, stages["search"] + stages["cv"])
     assert len(_calls(channel)) == 8 + 4 + 1  # one retry
+
+
+def test_the_folds_are_data_every_trial_reads_and_mlflow_holds(smoke) -> None:
+    from orchestrator.data.cache import load_manifest
+    from orchestrator.data.folds import read_folds
+
+    result, channel, root = smoke
+    folds_file = root / "out" / "sweeps" / "fake" / "folds" / "demo.json"
+    folds = read_folds(folds_file, load_manifest(channel))  # checks the CV invariants against the cache
+    assert len(folds) == 2
+    for fold in folds:  # the leakage invariant, spelled out: no subject in two roles
+        roles = [set(fold.subjects[r]) for r in ("train", "val", "test")]
+        assert all(roles) and not (roles[0] & roles[1] or roles[0] & roles[2] or roles[1] & roles[2])
+    calls = _calls(channel)
+    assert {c["folds_file"] for c in calls} == {str(folds_file.resolve())}
+    assert {c["select_metric"] for c in calls} == {"val_uar"}, "every trial selects on the space's metric"
+    client, runs = _runs(result)
+    for run in _by_stage(runs)["sweep"] + _by_stage(runs)["group"]:
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "folds")] == ["folds/demo.json"]
 
 
 @pytest.mark.slow

@@ -505,3 +505,25 @@ def test_the_selection_metric_picks_the_tested_epoch(cache: TinyCache, metric: s
     ckpt_io.load_trainable_state(trial.model, collect.last_state["best_state"])
     tested = trial.evaluate("test").summary(len(trial.data.class_names))
     assert tested["uar"] == pytest.approx(final["test_uar"]) and tested["loss"] == pytest.approx(final["test_loss"])
+
+
+def test_cli_train_uses_a_published_split(cache: TinyCache, tmp_path: Path) -> None:
+    import json
+
+    from orchestrator.data.cache import load_manifest
+    from orchestrator.data.folds import read_folds
+
+    manifest = load_manifest(cache.root)
+    subjects = sorted(manifest["subject"].unique())
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({s: i % 3 for i, s in enumerate(subjects)}))  # subject -> test fold
+    out = tmp_path / "out"
+    args = ["train", "--cache", str(cache.root), "--arch", "stl", "--fold", "1", "--epochs", "1",
+            "--set", "encoder=tiny", "--set", "batch_size=4", "--split-file", str(split), "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    (stored,) = out.glob("folds/*.json")
+    folds = read_folds(stored, manifest)
+    assert sorted(folds[1].subjects["test"]) == [s for i, s in enumerate(subjects) if i % 3 == 1]
+    split.write_text(json.dumps({"nobody": 0, **{s: i % 3 for i, s in enumerate(subjects)}}))
+    assert main(args) == 2, "a split naming a subject the cache does not have is refused"

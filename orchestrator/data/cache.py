@@ -253,14 +253,21 @@ def write_manifest(out: Path, rows: Iterable[dict]) -> None:
 
 
 def make_clip_ids(records: Sequence[ClipRecord]) -> list[str]:
-    """Filesystem-safe unique ids: the relative path without extension, ``/`` -> ``__``."""
-    ids, seen = [], set()
-    for record in records:
-        path = Path(record.path)
-        base = re.sub(r"[^A-Za-z0-9_.\-]", "_", path.with_suffix("").as_posix().replace("/", "__"))
-        clip_id = base if base not in seen else f"{base}_{path.suffix.lstrip('.')}"
-        while clip_id in seen:
-            clip_id += "_"
-        seen.add(clip_id)
-        ids.append(clip_id)
-    return ids
+    """Filesystem-safe ids, unique by construction: the relative path without extension, ``/`` -> ``__``.
+
+    Where that is not a faithful name of the path (characters replaced, e.g. non-ASCII letters, or
+    another clip with the same name but another extension), a hash of the exact path is appended,
+    so an id never depends on which other clips exist in which order.
+
+    Raises:
+        ValueError: Two records with the same path (naming it).
+    """
+    paths = [str(r.path) for r in records]
+    duplicates = sorted({p for p in paths if paths.count(p) > 1})
+    if duplicates:
+        raise ValueError(f"clip path(s) listed twice: {duplicates[:5]}")
+    stems = [Path(p).with_suffix("").as_posix().replace("/", "__") for p in paths]
+    safe = [re.sub(r"[^A-Za-z0-9_.\-]", "_", stem) for stem in stems]
+    shared = {s for s in safe if safe.count(s) > 1}
+    return [s if s == stem and s not in shared else f"{s}-{stable_hash(path, 8)}"
+            for path, stem, s in zip(paths, stems, safe)]

@@ -486,14 +486,31 @@ def records_to_frame(records: list[ClipRecord]) -> pd.DataFrame:
 
 
 def _video_files(root: Path) -> list[str]:
-    """Relative POSIX paths of every file with a video extension under ``root``, sorted."""
-    found = []
+    """Relative POSIX paths of every file with a video extension under ``root``, sorted.
+
+    Folder links are followed, each real folder at most once: a link back to a folder already
+    walked (a loop, or a second link to the same data) is skipped with one warning, so the walk is
+    finite and no clip is listed twice.
+    """
+    found, seen = [], {os.path.realpath(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")
+                       and _first_visit(Path(dirpath) / d, root, seen)]
         rel_dir = Path(dirpath).relative_to(root)
         found.extend((rel_dir / f).as_posix() for f in filenames
                      if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith("."))
     return sorted(found)
+
+
+def _first_visit(folder: Path, root: Path, seen: set[str]) -> bool:
+    """Whether ``folder`` is a real folder not walked yet (recording it); warns on a repeat."""
+    real = os.path.realpath(folder)
+    if real in seen:
+        log.warning("skipping %s: it leads to %s, which is already walked (a folder link loop or a "
+                    "second link to the same folder)", folder.relative_to(root).as_posix(), real)
+        return False
+    seen.add(real)
+    return True
 
 
 def _jsonable(value: Any) -> Any:

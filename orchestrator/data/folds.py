@@ -10,7 +10,10 @@ training subjects (default 0.15, rounded, at least 1): RAVDESS 24 actors -> 19 t
 generator seeded by ``(seed, fold index)``; every subject of these corpora covers every class, so a
 subject-level draw keeps the validation set balanced.
 
-Explicit splits (published protocols) are read by :func:`load_split_file`.
+Explicit splits (published protocols) are read by :func:`load_split_file`. The folds a sweep or a
+trial actually uses are data: :func:`write_folds` stores them (subjects and clip ids per fold, the
+validation subjects included) as one JSON file, which every trial reads back with
+:func:`read_folds` instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -118,6 +121,56 @@ def load_split_file(path: str | Path, manifest: pd.DataFrame, seed: int = 0,
                 raise ValueError(f"{path}: subject(s) {sorted(a & test_sets[j])} are in the test "
                                  f"sets of folds {i} and {j}")
     return [_fold(table, i, test, val_subjects, seed) for i, test in enumerate(test_sets)]
+
+
+FOLDS_FORMAT = 1
+
+
+def write_folds(path: Path, folds: Sequence[Fold], dataset: str, source: str) -> Path:
+    """Store ``folds`` as JSON at ``path`` (atomically): what every trial of them reads.
+
+    Args:
+        path: The file to write.
+        folds: The folds, in index order.
+        dataset: Dataset name (recorded).
+        source: Where they come from: ``computed (n_folds=5, seed=0)`` or the split file's path.
+    """
+    body = {"format": FOLDS_FORMAT, "dataset": dataset, "source": source, "n_folds": len(folds),
+            "folds": [{"index": f.index, "train": f.train, "val": f.val, "test": f.test,
+                       "subjects": f.subjects} for f in folds]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_folds(path: str | Path, manifest: pd.DataFrame) -> list[Fold]:
+    """The folds :func:`write_folds` stored, checked against the cache's usable clips.
+
+    Raises:
+        FileNotFoundError: No file at ``path``.
+        ValueError: Not a folds file, or it does not fit the manifest (a clip missing from the
+            cache, a subject in two roles, a clip in no or two test folds), naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no folds file at {path}")
+    try:
+        body = json.loads(path.read_text())
+        folds = [Fold(f["index"], list(f["train"]), list(f["val"]), list(f["test"]), dict(f["subjects"]))
+                 for f in body["folds"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a folds file of format {FOLDS_FORMAT}: {err}") from None
+    known = set(manifest["clip_id"])
+    unknown = sorted({c for f in folds for c in f.train + f.val + f.test} - known)
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} clip(s) are not usable clips of the cache, e.g. {unknown[:3]}")
+    try:
+        check_folds(folds, manifest)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return folds
 
 
 def check_folds(folds: Sequence[Fold], manifest: pd.DataFrame) -> None:

@@ -21,7 +21,7 @@ from orchestrator.data.cache import (
     load_manifest,
     load_settings,
 )
-from orchestrator.data.folds import make_folds
+from orchestrator.data.folds import load_split_file, make_folds, read_folds, write_folds
 from orchestrator.data.settings import PreprocessSettings
 from orchestrator.sweep.errors import SweepError
 from orchestrator.sweep.space import SweepSpace
@@ -125,6 +125,36 @@ def fold_problems(space: SweepSpace, cache_root: Path) -> list[str]:
             problems.append(f"dataset {dataset!r} ({subjects} subjects with usable clips in {target}) cannot "
                             f"be split into n_folds={space.n_folds} subject-independent folds: {err}")
     return problems
+
+
+def sweep_folds(space: SweepSpace, cache_root: Path, sweep_dir: Path) -> dict[str, str]:
+    """The folds of every dataset as data: ``<sweep_dir>/folds/<dataset>.json``, written once.
+
+    They come from the space's ``split_file`` or are computed (subject-independent, stratified,
+    seed 0); every trial reads its fold from the file. A resumed sweep keeps the file it started
+    with, and refuses to go on when the cache no longer fits it.
+
+    Returns:
+        Dataset -> absolute path of its folds file.
+
+    Raises:
+        SweepError: The split file or the stored folds do not fit the cache, naming the file.
+    """
+    files = {}
+    for dataset in space.datasets:
+        target, manifest = sweep_dir / "folds" / f"{dataset}.json", load_manifest(cache_root / dataset)
+        try:
+            if target.is_file():
+                read_folds(target, manifest)
+            elif space.split_file:
+                write_folds(target, load_split_file(space.split_file, manifest), dataset, space.split_file)
+            else:
+                folds = make_folds(manifest, n_folds=space.n_folds, seed=FOLD_SEED)
+                write_folds(target, folds, dataset, f"computed (n_folds={space.n_folds}, seed={FOLD_SEED})")
+        except (OSError, ValueError) as err:
+            raise SweepError(f"folds of dataset {dataset!r}: {err}") from err
+        files[dataset] = str(target.resolve())
+    return files
 
 
 def _encoders(space: SweepSpace) -> list[str]:

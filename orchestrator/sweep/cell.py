@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class CellContext:
         experiment: MLflow experiment name.
         group_runs: Group key -> MLflow run id of the group's parent run.
         select_metric: The space's ``metric``: every trial selects its tested epoch on it.
+        folds_files: Dataset -> the sweep's folds file (every trial reads its fold from it).
     """
 
     trainable: Callable[[dict], Any] | str
@@ -55,6 +56,7 @@ class CellContext:
     experiment: str
     group_runs: Mapping[str, str]
     select_metric: str = vocab.DEFAULT_SELECTION_METRIC
+    folds_files: Mapping[str, str] = field(default_factory=dict)
 
     def trial_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """The flat trial config of one Tune trial (only keys the trainable accepts)."""
@@ -72,6 +74,7 @@ class CellContext:
             "dataset": dataset, "arch": arch, "fold": fold, "n_folds": self.n_folds,
             "cache_dir": str(Path(self.cache_root) / dataset),
             "sweep": self.sweep, "stage": self.stage, "select_metric": self.select_metric,
+            "folds_file": self.folds_files.get(dataset),
             "tracking_uri": self.tracking_uri, "experiment": self.experiment,
             "parent_run_id": self.group_runs.get(key),
             "trial_key": f"{self.sweep}/{self.stage}/{dataset}/{arch}/{digest}/f{fold}",

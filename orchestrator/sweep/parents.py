@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import vocab
+from orchestrator import tracking
 from orchestrator.sweep.cell import group_key
 from orchestrator.sweep.space import SweepSpace
 from orchestrator.sweep.state import SweepState
@@ -25,8 +26,6 @@ class Parents:
 
 def create_parent_runs(tracking_uri: str, experiment: str, sweep: str, space: SweepSpace) -> Parents:
     """The experiment, the sweep's parent run and one nested run per group (all idempotent)."""
-    from orchestrator import tracking
-
     experiment_id = tracking.ensure_experiment(tracking_uri, experiment)
     sweep_run = tracking.get_or_create_run(
         tracking_uri, experiment_id, key=f"{sweep}/sweep", run_name=sweep,
@@ -46,8 +45,6 @@ def log_to_run(tracking_uri: str, run_id: str, params: Mapping[str, Any] = (),
                 metrics: Mapping[str, float] = (), status: str | None = None) -> None:
     """Log params (skipping ones already set), metrics and a status on a parent run."""
     from mlflow.entities import Metric, Param
-
-    from orchestrator import tracking
 
     client = tracking.make_client(tracking_uri)
     run = client.get_run(run_id)
@@ -81,3 +78,12 @@ def close_parent_runs(tracking_uri: str, parents: Parents, status: str) -> None:
     """
     for run_id in (parents.sweep_run, *parents.group_runs.values()):
         log_to_run(tracking_uri, run_id, status=status)
+
+
+def log_folds(tracking_uri: str, parents: Parents, folds_files: Mapping[str, str], space: SweepSpace) -> None:
+    """Log every dataset's folds file to the sweep run and to each of its groups' runs (``folds/``)."""
+    client = tracking.make_client(tracking_uri)
+    for dataset, path in folds_files.items():
+        client.log_artifact(parents.sweep_run, path, artifact_path="folds")
+        for arch in space.archs:
+            client.log_artifact(parents.group_runs[group_key(dataset, arch)], path, artifact_path="folds")

@@ -49,12 +49,13 @@ from pathlib import Path
 from typing import Any
 
 import vocab
-from orchestrator.sweep.caches import build_caches, check_folds, preflight
+from orchestrator.sweep.caches import build_caches, check_folds, preflight, sweep_folds
 from orchestrator.sweep.cluster import init_ray, is_local
 from orchestrator.sweep.errors import SweepError, SweepInterrupted
 from orchestrator.sweep.parents import (
     close_parent_runs,
     create_parent_runs,
+    log_folds,
     start_parent_runs,
 )
 from orchestrator.sweep.result import SweepResult
@@ -155,9 +156,11 @@ def run_sweep(
             build_caches(space, Path(settings["cache"]), data_root)
             if check_caches:
                 check_folds(space, Path(settings["cache"]))
+        folds_files = sweep_folds(space, Path(settings["cache"]), sweep_dir) if check_caches else {}
+        log_folds(settings["tracking_uri"], parents, folds_files, space)
         run = make_run(space, name, settings, sweep_dir, state, parents, trainable, gpus_per_trial,
                         local=is_local(mode), reuse_actors=reuse_actors,
-                        progress_interval_s=progress_interval_s)
+                        progress_interval_s=progress_interval_s, folds_files=folds_files)
         result = run_stages(run, parents, stages)
     except BaseException as err:  # no parent run stays RUNNING after a stop or a failure
         stopped = isinstance(err, (KeyboardInterrupt, SweepInterrupted))

@@ -168,6 +168,8 @@ class SweepSpace:
         preprocess: Settings for building a missing preprocessing cache (e.g. ``size``).
         resources: Per-trial resources.
         max_failures: Retries of a crashed trial (from its last checkpoint).
+        split_file: A published subject split every dataset's folds come from (absolute path), or
+            None for computed folds; either way the sweep stores the folds it uses as data.
     """
 
     path: Path
@@ -184,6 +186,7 @@ class SweepSpace:
     preprocess: Mapping[str, Any] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 2
+    split_file: str | None = None
 
     def groups(self) -> list[tuple[str, str]]:
         """The (dataset, arch) groups, in file order."""

@@ -143,6 +143,7 @@ class _File(BaseModel):
     n_folds: Annotated[int, Field(strict=True, ge=2)]
     folds: Folds | None = None  # default: all folds
     metric: Annotated[str, AfterValidator(_validation_metric)] = "val_uar"
+    split_file: str | None = None  # a published split (relative to the space file), else computed folds
     mode: Literal["max", "min"] | None = None  # default: the metric's own direction
     fixed: dict[str, Any] = {}
     search: _Search | None = None
@@ -266,6 +267,7 @@ def _sweep_space(path: Path, file: _File, fixed: dict[str, Any], params: tuple[P
     return SweepSpace(
         path=path, name=path.stem, description=file.description, datasets=file.datasets,
         archs=file.archs, n_folds=file.n_folds, folds=file.folds or all_folds, metric=file.metric,
+        split_file=str((path.parent / file.split_file).resolve()) if file.split_file else None,
         mode=file.mode or vocab.SELECTION_METRICS[file.metric], fixed=fixed, search=search, resources=file.resources,
         preprocess=file.preprocess.model_dump(exclude_none=True), max_failures=file.failure.max_failures,
     )

@@ -154,12 +154,12 @@ def _run_cv(run: SweepRun, chosen: Mapping[str, Mapping[str, Any]]) -> Any:
 def make_run(space: SweepSpace, name: str, settings: Mapping[str, str], sweep_dir: Path,
               state: SweepState, parents: Parents, trainable: Callable | str | None,
               gpus_per_trial: float | None, local: bool, reuse_actors: bool,
-              progress_interval_s: float) -> SweepRun:
+              progress_interval_s: float, folds_files: Mapping[str, str]) -> SweepRun:
     context = CellContext(
         trainable=trainable or DEFAULT_TRAINABLE, stage=vocab.STAGE_SEARCH, sweep=name,
         n_folds=space.n_folds, cache_root=settings["cache"], fixed=dict(space.fixed), chosen={},
         tracking_uri=settings["tracking_uri"], experiment=settings["experiment"],
-        group_runs=dict(parents.group_runs), select_metric=space.metric,
+        group_runs=dict(parents.group_runs), select_metric=space.metric, folds_files=dict(folds_files),
     )
     resources = trial_resources(space, gpus_per_trial, local)
     logger.info("[%s] each trial requests %s", name, resources)

@@ -30,11 +30,12 @@ DEFAULT_EXPERIMENT = "mtcae"
 
 # Set by the sweep for every trial; a search space may not set them.
 SWEEP_KEYS = frozenset({"dataset", "arch", "fold", "n_folds", "cache_dir", "sweep", "stage",
-                        "tracking_uri", "experiment", "parent_run_id", "trial_key", "select_metric"})
+                        "tracking_uri", "experiment", "parent_run_id", "trial_key", "select_metric",
+                        "folds_file"})
 # Where a trial is logged, not what it is: not hashed, not logged as params.
 TRACKING_KEYS = frozenset({"tracking_uri", "experiment", "parent_run_id", "trial_key"})
 # Neither changes results: left out of the config hash and of the resume check.
-RUNTIME_KEYS = frozenset({"cache_dir", "num_workers", "sweep", "stage"}) | TRACKING_KEYS
+RUNTIME_KEYS = frozenset({"cache_dir", "folds_file", "num_workers", "sweep", "stage"}) | TRACKING_KEYS
 # The same configuration on every fold has the same hash, so the tables can group its folds.
 CONFIG_HASH_EXCLUDED = frozenset({"fold"})
 
@@ -90,6 +91,9 @@ class TrialConfig(BaseModel):
         n_folds: Subject-independent folds (paper: 5-fold CV).
         seed: Seeds model init, batch order and dropout.
         cache_dir: Preprocessing cache (``mtcae preprocess`` output).
+        folds_file: The folds as data (``orchestrator.data.folds.write_folds``: a sweep's
+            ``folds/<dataset>.json``, or a published split via ``mtcae train --split-file``); None
+            computes them (subject-independent, stratified, seed 0).
         encoder: Encoder preset; VideoMAE ViT-L in the paper and the released code.
         encoder_checkpoint: Local encoder weights file; None keeps the (seeded) random init.
         freeze_encoder: The released code freezes the encoder (303.9M frozen vs 9.8M trained).
@@ -142,6 +146,7 @@ class TrialConfig(BaseModel):
     n_folds: Annotated[int, Plain, Field(ge=2)] = 5
     seed: Annotated[int, Plain] = 0
     cache_dir: str = ""
+    folds_file: Annotated[str | None, Optional] = None
     encoder: Literal[vocab.ENCODER_PRESETS] = "vit_large"
     encoder_checkpoint: Annotated[str | None, Optional] = None
     freeze_encoder: Annotated[bool, Plain] = True

@@ -78,12 +78,18 @@ def load_trial_data(cfg: TrialConfig) -> TrialData:
         FileNotFoundError: The cache lacks settings.json, manifest.csv or a clip file.
     """
     from orchestrator.data.cache import load_manifest
-    from orchestrator.data.folds import make_folds
+    from orchestrator.data.folds import make_folds, read_folds
 
     if not cfg.cache_dir:
         raise ValueError("trial config cache_dir is empty; point it at a `mtcae preprocess` output")
     manifest = load_manifest(cfg.cache_dir)
-    fold = make_folds(manifest, n_folds=cfg.n_folds, seed=FOLD_SEED)[cfg.fold]
+    if cfg.folds_file:
+        folds = read_folds(cfg.folds_file, manifest)
+        if len(folds) != cfg.n_folds:
+            raise ValueError(f"{cfg.folds_file} holds {len(folds)} folds, the trial config n_folds={cfg.n_folds}")
+    else:
+        folds = make_folds(manifest, n_folds=cfg.n_folds, seed=FOLD_SEED)
+    fold = folds[cfg.fold]
     data = trial_data_from_splits(cfg.cache_dir, {n: getattr(fold, n) for n in ("train", "val", "test")},
                                   cfg.dataset)
     logger.info("fold %d/%d of %s: %d train, %d val, %d test clips, %d classes", cfg.fold, cfg.n_folds,
