@@ -1,5 +1,8 @@
-"""Orchestration for MTCAE-DFER: datasets, preprocessing, folds, trials, sweeps, tracking, tables.
+"""Orchestration for MTCAE-DFER, one package per stage of the data flow.
 
-Data flows one way: videos -> preprocess cache -> trainable -> sweep -> MLflow -> tables.
-See ``docs/design.md`` for the contracts between the stages.
+videos -> ``data`` (preprocessing, cache, folds) -> ``features`` (frozen-encoder tokens) ->
+``trial`` (one fold of one configuration) -> ``sweep`` (Ray Tune + Optuna) -> MLflow
+(``tracking``) -> ``report`` (tables, figures); ``pipeline`` chains a sweep and its tables and
+``cli`` is the ``mtcae`` command. A module imports only earlier stages (``tests/test_layout.py``);
+``docs/design.md`` holds the contracts between them.
 """
