@@ -545,3 +545,22 @@ def test_an_empty_cache_and_a_missing_one_are_reported_together(tmp_path: Path) 
         preflight(load_search_space(space_file), tmp_path / "cache", data_root=None)
     assert "no preprocessing cache for dataset 'ravdess'" in str(err.value)
     assert "the cache of dataset 'demo'" in str(err.value) and "has no usable clip" in str(err.value)
+
+
+def test_preflight_names_a_missing_checkpoint_and_a_class_without_clips(tmp_path: Path) -> None:
+    from orchestrator.sweep.caches import checkpoint_problems, fold_problems
+    from orchestrator.sweep.space_file import load_search_space
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(SPACE.replace("encoder: tiny", f"encoder: tiny, encoder_checkpoint: {tmp_path / 'no.pth'}"))
+    space = load_search_space(space_file)
+    (problem,) = checkpoint_problems(space)
+    assert problem.startswith("fixed.encoder_checkpoint: no file at") and "no.pth" in problem
+    (tmp_path / "no.pth").write_bytes(b"weights")
+    assert checkpoint_problems(space) == []
+    cache = tmp_path / "cache" / "demo"
+    cache.mkdir(parents=True)
+    write_manifest(cache, subjects=4)  # labels 0 and 1 only
+    (cache / "settings.json").write_text(json.dumps({"class_names": ["class0", "class1", "angry"]}))
+    (problem,) = fold_problems(space, tmp_path / "cache")
+    assert "has no usable clip of class(es) ['angry']" in problem

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
+
+import pandas as pd
 
 from model.encoders import resolve_encoder_config
 from orchestrator.data import preprocess
@@ -40,7 +43,8 @@ def preflight(space: SweepSpace, cache_root: Path, data_root: Path | None) -> No
     Raises:
         SweepError: One line per problem, each naming the dataset and what to do.
     """
-    problems = cache_problems(space, cache_root, data_root) + encoder_problems(space, cache_root, data_root)
+    problems = (cache_problems(space, cache_root, data_root) + encoder_problems(space, cache_root, data_root)
+                + checkpoint_problems(space))
     if data_root is None:
         problems += fold_problems(space, cache_root)
     _raise(problems)
@@ -118,6 +122,10 @@ def fold_problems(space: SweepSpace, cache_root: Path) -> list[str]:
             problems.append(f"the cache of dataset {dataset!r} at {target} has no usable clip (every clip "
                             f"failed; the reasons are in {target / MANIFEST_FILE})")
             continue
+        missing = _classes_without_clips(target, manifest)
+        if missing:
+            problems.append(f"the cache of dataset {dataset!r} at {target} has no usable clip of class(es) "
+                            f"{missing}: UAR over its classes is undefined (see {target / MANIFEST_FILE})")
         try:
             make_folds(manifest, n_folds=space.n_folds, seed=FOLD_SEED)
         except ValueError as err:
@@ -155,6 +163,28 @@ def sweep_folds(space: SweepSpace, cache_root: Path, sweep_dir: Path) -> dict[st
             raise SweepError(f"folds of dataset {dataset!r}: {err}") from err
         files[dataset] = str(target.resolve())
     return files
+
+
+def checkpoint_problems(space: SweepSpace) -> list[str]:
+    """An encoder checkpoint the space names that is not a readable file (read in full by each trial)."""
+    path = space.fixed.get("encoder_checkpoint")
+    if not path:
+        return []
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        return [f"fixed.encoder_checkpoint: no file at {file} (a local checkpoint file; nothing is downloaded)"]
+    if not os.access(file, os.R_OK):
+        return [f"fixed.encoder_checkpoint: {file} is not readable"]
+    return []
+
+
+def _classes_without_clips(cache: Path, manifest: pd.DataFrame) -> list[str]:
+    """Class names of the cache's protocol that no usable clip has."""
+    if not (cache / SETTINGS_FILE).is_file():
+        return []
+    names = load_settings(cache).get("class_names", [])
+    present = set(manifest["label"].astype(int))
+    return [name for label, name in enumerate(names) if label not in present]
 
 
 def _encoders(space: SweepSpace) -> list[str]:
