@@ -564,3 +564,23 @@ def test_preflight_names_a_missing_checkpoint_and_a_class_without_clips(tmp_path
     (cache / "settings.json").write_text(json.dumps({"class_names": ["class0", "class1", "angry"]}))
     (problem,) = fold_problems(space, tmp_path / "cache")
     assert "has no usable clip of class(es) ['angry']" in problem
+
+
+def test_trial_runs_left_running_by_a_dead_worker_are_closed(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from orchestrator import tracking
+    from orchestrator.sweep.parents import close_trial_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment(uri, "e")
+    client = MlflowClient(uri)
+
+    def run(sweep: str, stage: str) -> str:
+        return client.create_run(experiment, tags={"sweep": sweep, "stage": stage}).info.run_id
+
+    orphan, parent, other = run("s", "cv"), run("s", "sweep"), run("t", "search")
+    assert close_trial_runs(uri, experiment, "s", "FAILED") == 1
+    status = {r: client.get_run(r).info.status for r in (orphan, parent, other)}
+    assert status == {orphan: "FAILED", parent: "RUNNING", other: "RUNNING"}
+    assert close_trial_runs(uri, experiment, "s", "FAILED") == 0

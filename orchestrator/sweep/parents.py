@@ -87,3 +87,23 @@ def log_folds(tracking_uri: str, parents: Parents, folds_files: Mapping[str, str
         client.log_artifact(parents.sweep_run, path, artifact_path="folds")
         for arch in space.archs:
             client.log_artifact(parents.group_runs[group_key(dataset, arch)], path, artifact_path="folds")
+
+
+def close_trial_runs(tracking_uri: str, experiment_id: str, sweep: str, status: str) -> int:
+    """End every trial run of ``sweep`` still ``RUNNING`` with ``status``; how many there were.
+
+    Called once Tune has returned, when no trial of the sweep can still be running: a run left
+    ``RUNNING`` then belongs to a worker that died (SIGKILL, OOM) after its last retry, or to a stop.
+    A resumed trial reopens its own run (runs are found by their ``trial_key``).
+    """
+    client = tracking.make_client(tracking_uri)
+    stale = client.search_runs(
+        [experiment_id], filter_string=f"tags.{tracking.TAG_SWEEP} = '{sweep}' and attributes.status = 'RUNNING'",
+        max_results=10_000)
+    trials = [r for r in stale if r.data.tags.get(tracking.TAG_STAGE) in vocab.STAGES]
+    for run in trials:
+        client.set_terminated(run.info.run_id, status=status)
+    if trials:
+        logger.warning("[%s] %d trial run(s) were still RUNNING in MLflow with no live trial; marked %s",
+                       sweep, len(trials), status)
+    return len(trials)

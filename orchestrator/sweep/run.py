@@ -54,6 +54,7 @@ from orchestrator.sweep.cluster import init_ray, is_local
 from orchestrator.sweep.errors import SweepError, SweepInterrupted
 from orchestrator.sweep.parents import (
     close_parent_runs,
+    close_trial_runs,
     create_parent_runs,
     log_folds,
     start_parent_runs,
@@ -162,10 +163,13 @@ def run_sweep(
                         local=is_local(mode), reuse_actors=reuse_actors,
                         progress_interval_s=progress_interval_s, folds_files=folds_files)
         result = run_stages(run, parents, stages)
-    except BaseException as err:  # no parent run stays RUNNING after a stop or a failure
-        stopped = isinstance(err, (KeyboardInterrupt, SweepInterrupted))
-        close_parent_runs(settings["tracking_uri"], parents, "KILLED" if stopped else "FAILED")
+    except BaseException as err:  # no run stays RUNNING after a stop or a failure
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SweepInterrupted)) else "FAILED"
+        close_trial_runs(settings["tracking_uri"], parents.experiment_id, name, status)
+        close_parent_runs(settings["tracking_uri"], parents, status)
         raise
+    else:  # Tune has returned: a trial run still RUNNING lost its worker after its last retry
+        close_trial_runs(settings["tracking_uri"], parents.experiment_id, name, "FAILED")
     finally:
         if mode != "existing":
             import ray
