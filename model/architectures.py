@@ -22,8 +22,8 @@ from model.decoder import (
     mlp_decoder_flops,
     vit_decoder_flops,
 )
-from model.encoder import NORMALIZATIONS
-from model.encoders import AnyEncoderConfig, build_encoder, resolve_encoder_config
+from model.encoder import NORMALIZATIONS, EncoderConfig
+from model.encoders import build_encoder, resolve_encoder_config
 from model.heads import HeadOrder, TaskHead
 
 TASKS = vocab.TASKS
@@ -97,7 +97,7 @@ class ModelConfig:
         encoder_overrides: Extra :class:`EncoderConfig` fields (e.g. ``final_norm``).
     """
 
-    encoder: str | AnyEncoderConfig = "vit_large"
+    encoder: str | EncoderConfig = "vit_large"
     encoder_checkpoint: str | None = None
     freeze_encoder: bool = True
     use_pos_embed: bool = True
@@ -118,7 +118,7 @@ class ModelConfig:
         """(mean, std) per channel for ``model.normalize_video``."""
         return NORMALIZATIONS[self.normalization]
 
-    def encoder_cfg(self) -> AnyEncoderConfig:
+    def encoder_cfg(self) -> EncoderConfig:
         """The resolved encoder config (frame count, size and position switch applied)."""
         return resolve_encoder_config(self.encoder, num_frames=self.num_frames, img_size=self.img_size,
                               use_pos_embed=self.use_pos_embed, **self.encoder_overrides)

@@ -34,7 +34,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import vocab
-from model.encoder import ClipEncoder, EncoderConfig, Layout, TubeletEmbed, sinusoid_table
+from model.encoder import (
+    ClipEncoder,
+    EncoderConfig,
+    Layout,
+    TubeletEmbed,
+    sinusoid_table,
+)
 from model.presets import resolve_preset
 
 Grid = tuple[int, int, int]
