@@ -70,8 +70,8 @@ TASKS: tuple[str, ...] = ("box", "landmark", "expr")  # the cascade's order (Alg
 
 # ------------------------------------------------------------------------------------- stages
 
-STAGE_SEARCH = "search"  # per-group hyperparameter search on validation folds
-STAGE_CV = "cv"  # the final cross-validation of each group's chosen configuration
+STAGE_SEARCH = "search"  # the hyperparameter search; with nested selection it also gives the results
+STAGE_CV = "cv"  # the cross-validation of a fixed configuration, or of a pooled choice
 STAGES: tuple[str, ...] = (STAGE_SEARCH, STAGE_CV)  # a trial's stage, in the order a sweep runs them
 # Stages of the MLflow parent runs a sweep creates (they hold no trial).
 STAGE_SWEEP = "sweep"
@@ -86,6 +86,15 @@ SELECTION_METRICS: dict[str, str] = {
     "val_accuracy": "max", "val_uar": "max", "val_war": "max", "val_loss": "min", "val_loss_expr": "min",
 }
 DEFAULT_SELECTION_METRIC = "val_accuracy"
+
+# How a searched configuration is chosen for an outer fold. ``nested``: a study per (dataset, arch,
+# outer fold) searches on that fold's training subjects only (its validation slice is carved from
+# them) and the trial it chooses is the fold's result. ``pooled``: one study per group, scored on
+# the validation slices of several folds, then tested on every fold (optimistic: those validation
+# subjects are other folds' test subjects).
+SELECTION_NESTED = "nested"
+SELECTION_POOLED = "pooled"
+SELECTIONS: tuple[str, ...] = (SELECTION_NESTED, SELECTION_POOLED)
 
 
 # ----------------------------------------------------------------------- presets and switches

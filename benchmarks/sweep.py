@@ -10,7 +10,8 @@
    reuse / overhead with reuse: what a sweep of many short CPU trials gains from ``reuse_actors``.
    Target 2.0.
 2. **Smoke sweep wall time**: ``search_spaces/smoke.yaml`` through :func:`orchestrator.sweep.run.run_sweep`
-   on a local Ray instance (2 x 2 folds x 2 configurations of search, 4 final-CV trials). Quick mode
+   on a local Ray instance (nested selection: 2 architectures x 2 outer folds x 2 configurations,
+   8 trials in one Tune run). Quick mode
    runs the sweep machinery with a trivial trainable; the full run uses the real trainable on the
    demo data, the way ``mtcae demo`` does (data generation and preprocessing timed separately).
    ``ratio`` = budget / wall time, target 1.0 (budget: 3 minutes quick, 10 minutes full).
@@ -109,8 +110,10 @@ def smoke_result(quick: bool, root: Path) -> Result:
     """The smoke sweep's wall time (quick: sweep machinery only; full: the real demo path)."""
     from orchestrator.sweep.caches import build_caches
     from orchestrator.sweep.run import run_sweep
+    from orchestrator.sweep.searcher import sweep_studies
     from orchestrator.sweep.space import find_search_space
     from orchestrator.sweep.space_file import load_search_space
+    from orchestrator.sweep.stages import sweep_stages
 
     space = load_search_space(find_search_space("smoke"))
     cache = root / "cache"
@@ -126,9 +129,9 @@ def smoke_result(quick: bool, root: Path) -> Result:
         raw["preprocess_s"] = _timed(build_caches, space, cache, root / "data")
     wall = _timed(_complete_sweep, run_sweep, space, kwargs)
     budget = QUICK_BUDGET_S if quick else FULL_BUDGET_S
-    assert space.search is not None
-    groups = len(space.groups())
-    trials = groups * (space.search.num_samples * len(space.search.folds) + len(space.folds))
+    trials = sum(s.num_trials for s in sweep_studies(space))
+    if vocab.STAGE_CV in sweep_stages(space):
+        trials += len(space.groups()) * len(space.folds)
     return make_result("sweep_smoke_wall", budget / wall, 1.0, wall_s=wall, budget_s=budget,
                        trials=trials, **raw)
 

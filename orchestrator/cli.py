@@ -86,8 +86,8 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", default=None, help="only runs tagged sweep=NAME; also selects the "
                    "parent run the files are attached to")
     p.add_argument("--stage", default="auto", choices=["auto", *vocab.STAGES, "any"],
-                   help="which trial runs: cv (final cross-validation), search (HPO), any, or auto = "
-                   "cv if present else any (default: %(default)s)")
+                   help="which trial runs: cv (cross-validation), search (HPO), any, or auto = the "
+                   "trials nested selection chose if any, else cv, else any (default: %(default)s)")
     p.add_argument("--n-folds", type=int, default=None,
                    help="expected folds per dataset/arch (default: the runs' n_folds param, else 5)")
     p.add_argument("--export-dir", type=Path, default=None,
@@ -224,10 +224,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 _SWEEP_EPILOG = """\
-stages:
-  search  per (dataset, arch) group: one Optuna study, each sampled configuration trained on the
-          search folds, scored by its mean validation metric (skipped when nothing is searched)
-  cv      the grid dataset x arch x fold with each group's chosen configuration, same budget per fold
+protocol (the space's `selection:`, README "Protocol"):
+  nested  (default) one Optuna study per (dataset, arch, outer fold), trained on that fold's
+          training subjects only (validation carved from them); the trial it chooses on validation
+          is the fold's result, tagged selected=true in MLflow. Nothing is trained twice.
+  pooled  one study per (dataset, arch) scored over search.folds, then stage cv tests the choice
+          on every fold; optimistic, and the tables say so.
+  a space that searches nothing runs stage cv only: one trial per (dataset, arch, fold).
+stages: search (every study at once, in one Tune run), cv (the grid dataset x arch x fold).
 resuming: re-run the same command, or `mtcae sweep --resume NAME`; finished stages and trials are
   not re-run, failed trials restart from their last checkpoint, MLflow runs are reused.
 everything goes under --out (default ./mtcae_runs): cache/, ray_results/, sweeps/<name>/, mlflow.db,
@@ -246,9 +250,10 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     """``mtcae sweep``: a Ray Tune + Optuna sweep over a search space file."""
     p = sub.add_parser(
         "sweep",
-        help="run (or resume) a sweep: per-group Optuna search, then the final cross-validation",
-        description="Run a search space (search_spaces/*.yaml) on Ray Tune: per (dataset, arch) "
-        "Optuna search, then the dataset x arch x fold cross-validation, logged to MLflow.",
+        help="run (or resume) a sweep: Optuna search with nested selection, or a cross-validation",
+        description="Run a search space (search_spaces/*.yaml) on Ray Tune: Optuna studies per "
+        "(dataset, arch, outer fold) whose chosen trials are the results (nested selection), or the "
+        "dataset x arch x fold cross-validation of a fixed configuration, logged to MLflow.",
         epilog=_SWEEP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -275,7 +280,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-trial", type=float, default=None,
                    help="override the space's resources.gpu (e.g. 1, or 0.5 to pack two small trials)")
     p.add_argument("--stage", choices=["all", *vocab.STAGES], default="all",
-                   help="run only one stage (default: %(default)s)")
+                   help="run only one stage of the space's protocol (default: %(default)s)")
     p.add_argument("--no-tables", action="store_true", help="do not write the result tables at the end")
     p.set_defaults(handler=_run_sweep)
 
@@ -286,7 +291,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from orchestrator.sweep.space import SearchSpaceError
 
     name = args.resume if isinstance(args.resume, str) else args.name
-    stages = vocab.STAGES if args.stage == "all" else (args.stage,)
+    stages = None if args.stage == "all" else (args.stage,)
     try:
         result = sweep_and_tables(
             args.space, out=args.out, name=name, resume=bool(args.resume), storage=args.storage,

@@ -44,7 +44,7 @@ def _write_tables(result: SweepResult, out: Path) -> None:
     """Write the sweep's tables under ``<out>/tables/<sweep>`` and keep their Markdown on ``result``."""
     target = out / "tables" / result.name
     report = make_tables(result.tracking_uri, result.experiment, sweep=result.name,
-                                stage=vocab.STAGE_CV, export_dir=target, formats="all")
+                                stage="auto", export_dir=target, formats="all")
     result.tables_dir, result.tables_markdown = target, report.markdown
 
 

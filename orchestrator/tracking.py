@@ -50,6 +50,12 @@ TAG_SWEEP = "sweep"
 TAG_STAGE = "stage"
 TAG_CONFIG_HASH = "config_hash"
 TAG_TRIAL_KEY = "trial_key"
+# Set by the sweep on search trials under nested selection: ``selected`` is "true" on the trial
+# chosen for its outer fold (that fold's result) and "false" on the others; ``selection`` names
+# the protocol (vocab.SELECTIONS).
+TAG_SELECTED = "selected"
+TAG_SELECTION = "selection"
+RESULT_METRIC = "test_uar"  # logged at the natural end of a trial only: its run holds a result
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag; the UI shows children under it
 
 RECALL_PREFIX = "test_recall_"
@@ -195,6 +201,53 @@ def _find_runs_by_key(client: Any, experiment_id: str, key: str) -> list[Any]:
         max_results=100,
     )
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def trial_runs(client: Any, experiment_id: str, sweep: str, stage: str, **tags: Any) -> list[Any]:
+    """Trial runs of a sweep's stage, optionally with more tags equal (``dataset=..., fold=...``)."""
+    clauses = [f"tags.{TAG_SWEEP} = '{sweep}'", f"tags.{TAG_STAGE} = '{stage}'"]
+    clauses += [f"tags.{k} = '{v}'" for k, v in tags.items() if v is not None]
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=" and ".join(clauses),
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def has_result(run: Any) -> bool:
+    """Whether a trial run finished with its test metrics (a trial that need never run again)."""
+    return run.info.status == "FINISHED" and RESULT_METRIC in run.data.metrics
+
+
+def set_selected(client: Any, run_id: str, selected: bool, selection: str) -> None:
+    """Tag a search trial as its outer fold's result (or not)."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(TAG_SELECTED, str(selected).lower()),
+                                   RunTag(TAG_SELECTION, selection)])
+
+
+def recorded_result(tracking_uri: str, experiment_name: str, key: str) -> dict[str, float] | None:
+    """The final metrics of the trial ``key`` when MLflow already holds its result, else None.
+
+    MLflow is the record of what finished: a trial whose run logged its test metrics is never
+    trained again, whatever a restored Tune snapshot says (a driver killed after the trial
+    finished and before Tune saved its state). A run that logged its test metrics and then lost
+    its worker before closing is closed ``FINISHED`` here.
+    """
+    client = make_client(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None or not key or "'" in key:
+        return None
+    for run in _find_runs_by_key(client, experiment.experiment_id, key):
+        if RESULT_METRIC in run.data.metrics:
+            if run.info.status != "FINISHED":
+                client.set_terminated(run.info.run_id, status="FINISHED")
+            return dict(run.data.metrics)
+    return None
 
 
 def get_or_create_run(

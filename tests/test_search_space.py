@@ -188,11 +188,17 @@ MALFORMED = {
     "mode against metric": (
         VALID.replace("n_folds: 2\n", "n_folds: 2\nmetric: val_loss\nmode: max\n"), "mode",
         "contradicts metric 'val_loss'"),
-    "ASHA over several folds": (
-        VALID.replace("  num_samples: 2\n", "  num_samples: 2\n  scheduler: {type: asha}\n"),
+    "pooled ASHA over several folds": (
+        VALID.replace("n_folds: 2\n", "n_folds: 2\nselection: pooled\n").replace(
+            "  num_samples: 2\n", "  num_samples: 2\n  scheduler: {type: asha}\n"),
         "search.scheduler", "exactly one search fold"),
+    "search folds with nested selection": (
+        VALID.replace("  num_samples: 2\n", "  num_samples: 2\n  folds: [0]\n"),
+        "search.folds", "only with `selection: pooled`"),
+    "an unknown selection": (VALID.replace("n_folds: 2\n", "n_folds: 2\nselection: nestled\n"),
+                             "selection", "'nested' or 'pooled'"),
     "ASHA without a fixed epoch budget": (
-        VALID.replace(", epochs: 3", "").replace("  num_samples: 2\n", "  num_samples: 2\n  folds: [0]\n"
+        VALID.replace(", epochs: 3", "").replace("  num_samples: 2\n", "  num_samples: 2\n"
                                                   "  scheduler: {type: asha}\n"),
         "search.scheduler", "fixed epoch budget"),
     "negative dropout": (

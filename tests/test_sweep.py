@@ -34,7 +34,6 @@ n_folds: 2
 fixed: {encoder: tiny, epochs: %d, batch_size: 4}
 search:
   num_samples: 2
-  folds: [0, 1]
   max_concurrent: 2
   params:
     lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
@@ -42,12 +41,21 @@ search:
 resources: {cpu: 1, gpu: auto}
 failure: {max_failures: 1}
 """ % EPOCHS
+# The same space with the pooled protocol: one study per group over both folds, then stage cv.
+POOLED_SPACE = SPACE.replace("n_folds: 2\n", "n_folds: 2\nselection: pooled\n").replace(
+    "num_samples: 2\n", "num_samples: 2\n  folds: [0, 1]\n")
 
 
 def fake_val_uar(config: dict, epoch: int) -> float:
-    """A deterministic validation UAR that prefers lr near 1e-3 and improves with epochs."""
+    """A deterministic validation UAR that prefers lr near 1e-3, improves with epochs and drops in
+    the last one (not monotone: the selected epoch is the one before the last)."""
     arch_bonus = 0.1 if config["arch"] == "cascaded_vit" else 0.0
-    return 0.5 + arch_bonus - 0.1 * abs(math.log10(config["lr"]) + 3) + 0.02 * epoch + 0.01 * config["fold"]
+    trend = 0.02 * epoch - (0.05 if epoch == EPOCHS - 1 else 0.0)
+    return 0.5 + arch_bonus - 0.1 * abs(math.log10(config["lr"]) + 3) + trend + 0.01 * config["fold"]
+
+
+def fake_best_val_uar(config: dict) -> float:
+    return max(fake_val_uar(config, e) for e in range(EPOCHS))
 
 
 def fake_trial(config: dict) -> None:
@@ -79,12 +87,13 @@ def fake_trial(config: dict) -> None:
     for epoch in range(start, config["epochs"]):
         _maybe_crash(channel, config, epoch)
         uar = fake_val_uar(config, epoch)
+        best = max(fake_val_uar(config, e) for e in range(epoch + 1))
         metrics = {"epoch": epoch, "val_uar": uar, "val_war": uar + 0.05, "val_accuracy": uar + 0.05,
-                   "val_loss_expr": 1.0 - uar, "val_loss": 1.0 - uar}
+                   "val_loss_expr": 1.0 - uar, "val_loss": 1.0 - uar, "best_val_uar": best}
         tracker.log_epoch({k: v for k, v in metrics.items() if k != "epoch"}, epoch)
-        if epoch == config["epochs"] - 1:
-            metrics.update(test_uar=uar - 0.1, test_war=uar - 0.05)
-            tracker.log_metrics({"test_uar": uar - 0.1, "test_war": uar - 0.05}, 0)
+        if epoch == config["epochs"] - 1:  # "tests" the best epoch's weights, as the trainable does
+            metrics.update(test_uar=best - 0.1, test_war=best - 0.05)
+            tracker.log_metrics({"test_uar": best - 0.1, "test_war": best - 0.05}, 0)
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / "state.json").write_text(json.dumps({"epoch": epoch}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
@@ -142,9 +151,9 @@ def write_manifest(cache: Path, subjects: int) -> None:
     (cache / "manifest.csv").write_text(header + "".join(rows))
 
 
-def _setup(root: Path, crash: dict | None = None) -> tuple[Path, Path]:
+def _setup(root: Path, crash: dict | None = None, space: str = SPACE) -> tuple[Path, Path]:
     space_file = root / "fake.yaml"
-    space_file.write_text(SPACE)
+    space_file.write_text(space)
     channel = root / "out" / "cache" / "demo"
     channel.mkdir(parents=True)
     write_manifest(channel, subjects=4)
@@ -191,12 +200,16 @@ def _assert_no_duplicate_steps(client, runs) -> None:
 
 @pytest.fixture(scope="module")
 def smoke(ray_local, tmp_path_factory):
-    """A full sweep: 2 archs x 2 folds x 2 sampled configs; final-CV trial (stl, fold 1) crashes
-    once at epoch 1 and must be retried from its checkpoint."""
+    """A full nested sweep: 2 archs x 2 outer folds x 2 sampled configs (8 trials); search trial
+    (stl, fold 1) crashes once at epoch 1 and must be retried from its checkpoint."""
     root = tmp_path_factory.mktemp("smoke")
-    crash = {"stage": "cv", "arch": "stl", "fold": 1, "epoch": 1, "once": True}
+    crash = {"stage": "search", "arch": "stl", "fold": 1, "epoch": 1, "once": True}
     space_file, channel = _setup(root, crash)
     return _sweep(space_file, root), channel, root
+
+
+def _config_fold(run) -> tuple[str, str, str]:
+    return run.data.tags["arch"], run.data.tags["config_hash"], run.data.tags["fold"]
 
 
 @pytest.mark.slow
@@ -205,28 +218,30 @@ def test_smoke_sweep_completes_with_the_right_mlflow_runs(smoke) -> None:
     assert result.complete
     client, runs = _runs(result)
     stages = _by_stage(runs)
-    assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8, "cv": 4}
+    # nested selection: num_samples x folds trials per group, no cv stage, nothing trained twice
+    assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8}
+    assert len({_config_fold(r) for r in stages["search"]}) == 8
     sweep_run = stages["sweep"][0]
     assert sweep_run.info.run_id == result.sweep_run_id and sweep_run.info.status == "FINISHED"
-    assert sweep_run.data.tags["sweep"] == "fake"
+    assert sweep_run.data.tags["sweep"] == "fake" and sweep_run.data.params["selection"] == "nested"
     groups = {r.data.tags["arch"]: r for r in stages["group"]}
     for group in groups.values():
         assert group.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
         assert group.info.status == "FINISHED"
-        assert "cv_test_uar_mean" in group.data.metrics
-    for run in stages["search"] + stages["cv"]:
+        assert {"cv_test_uar_mean", "cv_test_uar_std"} <= set(group.data.metrics)
+        assert {"fold0.lr", "fold1.lr"} <= set(group.data.params)  # the choice of every outer fold
+    for run in stages["search"]:
         tags = run.data.tags
-        assert tags["sweep"] == "fake" and tags["dataset"] == "demo"
+        assert tags["sweep"] == "fake" and tags["dataset"] == "demo" and tags["selection"] == "nested"
         assert tags["mlflow.parentRunId"] == groups[tags["arch"]].info.run_id
-        assert tags["trial_key"].startswith(f"fake/{tags['stage']}/demo/{tags['arch']}/")
+        assert tags["trial_key"].startswith(f"fake/search/demo/{tags['arch']}/")
         assert tags["trial_key"].endswith(f"/f{tags['fold']}")
         assert run.info.status == "FINISHED"
-    cv_cells = sorted((r.data.tags["arch"], r.data.tags["fold"]) for r in stages["cv"])
-    assert cv_cells == [("cascaded_vit", "0"), ("cascaded_vit", "1"), ("stl", "0"), ("stl", "1")]
-    search_runs = [(r.data.tags["arch"], r.data.tags["fold"], r.data.params["lr"]) for r in stages["search"]]
-    assert len(set(search_runs)) == 8  # 2 archs x 2 configs x 2 folds, each a distinct run
-    _assert_no_duplicate_steps(client, stages["search"] + stages["cv"])
-    assert len(_calls(channel)) == 8 + 4 + 1  # one retry
+    selected = sorted((r.data.tags["arch"], r.data.tags["fold"]) for r in stages["search"]
+                      if r.data.tags["selected"] == "true")
+    assert selected == [("cascaded_vit", "0"), ("cascaded_vit", "1"), ("stl", "0"), ("stl", "1")]
+    _assert_no_duplicate_steps(client, stages["search"])
+    assert len(_calls(channel)) == 8 + 1  # one retry
 
 
 def test_the_folds_are_data_every_trial_reads_and_mlflow_holds(smoke) -> None:
@@ -249,48 +264,113 @@ def test_the_folds_are_data_every_trial_reads_and_mlflow_holds(smoke) -> None:
 
 
 @pytest.mark.slow
-def test_each_group_chooses_its_best_mean_configuration(smoke) -> None:
+def test_each_outer_fold_reports_the_trial_its_own_study_chose(smoke) -> None:
     import optuna
 
     result, _, root = smoke
     storage = f"sqlite:///{root / 'out' / 'sweeps' / 'fake' / 'optuna.db'}"
-    chosen_lrs = []
-    for arch in ("stl", "cascaded_vit"):
-        study = optuna.load_study(study_name=f"demo__{arch}", storage=storage)
-        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        assert len(complete) == 2
-        for trial in complete:  # the objective: mean over both folds of the best val_uar
-            cfg = {"arch": arch, **trial.params}
-            expected = sum(fake_val_uar({**cfg, "fold": f}, EPOCHS - 1) for f in (0, 1)) / 2
-            assert trial.value == pytest.approx(expected)
-        chosen = result.chosen[f"demo__{arch}"]
-        assert chosen["params"] == study.best_trial.params
-        assert chosen["score"] == pytest.approx(study.best_value)
-        assert ("w_expr" in chosen["params"]) == (arch == "cascaded_vit")
-        chosen_lrs.append(chosen["params"]["lr"])
-    assert chosen_lrs[0] != chosen_lrs[1]  # per-group seeds: the groups do not replay each other
     client, runs = _runs(result)
-    for run in _by_stage(runs)["cv"]:
-        assert float(run.data.params["lr"]) == pytest.approx(result.chosen[f"demo__{run.data.tags['arch']}"]["params"]["lr"])
+    search = _by_stage(runs)["search"]
+    names = optuna.get_all_study_names(storage)
+    assert sorted(names) == [f"demo__{a}__fold{k}" for a in ("cascaded_vit", "stl") for k in (0, 1)]
+    for arch in ("stl", "cascaded_vit"):
+        for fold in (0, 1):
+            study = optuna.load_study(study_name=f"demo__{arch}__fold{fold}", storage=storage)
+            assert study.metric_names == ["val_uar"]
+            complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            assert len(complete) == 2
+            for trial in complete:  # the objective: the best (not the last) val_uar of its one fold
+                expected = fake_best_val_uar({"arch": arch, "fold": fold, **trial.params})
+                assert trial.value == pytest.approx(expected)
+                assert expected != pytest.approx(fake_val_uar({"arch": arch, "fold": fold, **trial.params},
+                                                              EPOCHS - 1))
+                assert trial.user_attrs[f"fold{fold}_trial_key"].endswith(f"/f{fold}")
+            mine = [r for r in search if r.data.tags["arch"] == arch and r.data.tags["fold"] == str(fold)]
+            assert len(mine) == 2  # trained only on this outer fold
+            chosen = [r for r in mine if r.data.tags["selected"] == "true"]
+            assert len(chosen) == 1
+            assert chosen[0].data.metrics["best_val_uar"] == pytest.approx(study.best_value)
+            assert chosen[0].data.tags["trial_key"] == study.best_trial.user_attrs[f"fold{fold}_trial_key"]
+            row = next(r for r in result.cv_rows if r["arch"] == arch and r["fold"] == fold)
+            assert row["status"] == "done" and row["run_id"] == chosen[0].info.run_id
+            assert row["test_uar"] == pytest.approx(chosen[0].data.metrics["test_uar"])
+            choice = result.chosen[f"demo__{arch}__fold{fold}"]
+            assert choice["params"]["lr"] == pytest.approx(study.best_trial.params["lr"])
+            assert ("w_expr" in choice["params"]) == (arch == "cascaded_vit")
+
+
+@pytest.mark.slow
+def test_tables_report_the_nested_choices(smoke) -> None:
+    from orchestrator.report.export import make_tables
+    from orchestrator.report.results import aggregate, load_runs
+
+    result, _, root = smoke
+    runs = load_runs(result.tracking_uri, result.experiment, sweep="fake", stage="auto")
+    assert len(runs) == 4 and set(runs["selected"]) == {"true"}
+    agg = aggregate(runs)
+    assert list(agg["folds_done"]) == [2, 2] and set(agg["protocol"]) == {"nested"}
+    for row in agg.itertuples():
+        expected = [r["test_uar"] * 100 for r in result.cv_rows if r["arch"] == row.arch]
+        assert row.uar_mean == pytest.approx(sum(expected) / 2)
+    report = make_tables(result.tracking_uri, result.experiment, sweep="fake", stage="auto",
+                         export_dir=root / "tables", formats="md", log_artifacts=False)
+    assert "nested selection" in report.markdown and "optimistic" not in report.markdown
 
 
 @pytest.mark.slow
 def test_crashed_trial_is_retried_from_its_checkpoint(smoke) -> None:
     result, channel, _ = smoke
-    key = next(r["trial_key"] for r in _calls(channel) if r["stage"] == "cv" and "/stl/" in r["trial_key"]
-               and r["trial_key"].endswith("/f1"))
+    key = (channel / "crashed-search-stl-1").read_text()
     starts = [r["start"] for r in _calls(channel) if r["trial_key"] == key]
     assert starts == [0, 1]  # crashed in epoch 1, restarted after the epoch-0 checkpoint
-    row = next(r for r in result.cv_rows if r["arch"] == "stl" and r["fold"] == 1)
-    assert row["status"] == "done" and row["epoch"] == EPOCHS - 1
+    assert all(r["status"] == "done" for r in result.cv_rows)
+
+
+@pytest.mark.slow
+def test_pooled_selection_tests_the_group_choice_on_every_fold_and_says_so(ray_local, tmp_path: Path) -> None:
+    import optuna
+
+    from orchestrator.report.export import make_tables
+
+    space_file, channel = _setup(tmp_path, space=POOLED_SPACE)
+    result = _sweep(space_file, tmp_path)
+    assert result.complete
+    client, runs = _runs(result)
+    stages = _by_stage(runs)
+    assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8, "cv": 4}
+    storage = f"sqlite:///{tmp_path / 'out' / 'sweeps' / 'fake' / 'optuna.db'}"
+    for arch in ("stl", "cascaded_vit"):
+        study = optuna.load_study(study_name=f"demo__{arch}", storage=storage)
+        for trial in study.trials:  # the objective: mean over both folds of the best val_uar
+            expected = sum(fake_best_val_uar({"arch": arch, "fold": f, **trial.params}) for f in (0, 1)) / 2
+            assert trial.value == pytest.approx(expected)
+        assert result.chosen[f"demo__{arch}"]["params"] == study.best_trial.params
+    for run in stages["cv"]:
+        chosen = result.chosen[f"demo__{run.data.tags['arch']}"]["params"]
+        assert float(run.data.params["lr"]) == pytest.approx(chosen["lr"])
+        assert run.data.tags["selection"] == "pooled"
+    report = make_tables(result.tracking_uri, result.experiment, sweep="fake", stage="auto",
+                         export_dir=tmp_path / "tables", formats="md", log_artifacts=False)
+    assert "selection on pooled folds (optimistic)" in report.markdown
+
+
+def _finished_keys(tracking_uri: str) -> set[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    return {r.data.tags["trial_key"] for r in runs
+            if r.info.status == "FINISHED" and "test_uar" in r.data.metrics}
 
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(ray_local, tmp_path: Path) -> None:
+    import optuna
+
     from orchestrator.sweep.errors import SweepInterrupted
 
     # Ctrl+C (SIGINT to this process, the driver) while search trial (cascaded_vit, fold 1) is in
-    # epoch 1: the stl group has finished, the cascaded_vit group is part-way.
+    # epoch 1: some trials of the one Tune run have finished, others are part-way.
     crash = {"stage": "search", "arch": "cascaded_vit", "fold": 1, "epoch": 1, "once": True,
              "action": "interrupt"}
     space_file, channel = _setup(tmp_path, crash)
@@ -298,10 +378,11 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(ray_local, t
     with pytest.raises(SweepInterrupted, match="re-run the same command"):
         _sweep(space_file, tmp_path)
     state = json.loads((tmp_path / "out" / "sweeps" / "fake" / "state.json").read_text())
-    assert state["groups"]["demo__stl"]["done"] and "demo__cascaded_vit" not in state["groups"]
+    assert state["search_done"] is False and state["complete"] is False
     before = _calls(channel)
-    finished_before = {c["trial_key"] for c in before if "/stl/" in c["trial_key"]}
-    assert len(finished_before) == 4
+    uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    finished_before = _finished_keys(uri)
+    assert finished_before, "some trials finished before the interrupt"
 
     result = _sweep(space_file, tmp_path, resume=True)
     assert result.complete
@@ -311,42 +392,43 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(ray_local, t
     assert [c["start"] for c in after if c["trial_key"] == interrupted] == [1]  # from its checkpoint
     client, runs = _runs(result)
     stages = _by_stage(runs)
-    assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8, "cv": 4}
+    assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8}
     keys = [r.data.tags["trial_key"] for r in runs]
     assert len(keys) == len(set(keys))
     assert all(r.info.status == "FINISHED" for r in runs)
-    _assert_no_duplicate_steps(client, stages["search"] + stages["cv"])
-    import optuna
-
-    study = optuna.load_study(study_name="demo__cascaded_vit",
-                              storage=f"sqlite:///{tmp_path / 'out' / 'sweeps' / 'fake' / 'optuna.db'}")
-    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"]
+    _assert_no_duplicate_steps(client, stages["search"])
+    storage = f"sqlite:///{tmp_path / 'out' / 'sweeps' / 'fake' / 'optuna.db'}"
+    for name in optuna.get_all_study_names(storage):  # no spurious FAIL, no extra trial
+        study = optuna.load_study(study_name=name, storage=storage)
+        assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"], name
 
 
 @pytest.mark.slow
-def test_failed_final_cv_trial_is_retried_on_rerun(ray_local, tmp_path: Path) -> None:
-    # Final-CV trial (cascaded_vit, fold 0) fails at epoch 2 on every attempt (max_failures=1).
-    crash = {"stage": "cv", "arch": "cascaded_vit", "fold": 0, "epoch": 2, "once": False}
+def test_failed_trial_is_retried_on_rerun(ray_local, tmp_path: Path) -> None:
+    # Both search trials of (cascaded_vit, fold 0) fail at epoch 2 on every attempt (max_failures=1).
+    crash = {"stage": "search", "arch": "cascaded_vit", "fold": 0, "epoch": 2, "once": False}
     space_file, channel = _setup(tmp_path, crash)
     first = _sweep(space_file, tmp_path)
     assert not first.complete
-    assert [r["status"] for r in first.cv_rows].count("failed") == 1
+    assert [(r["arch"], r["fold"]) for r in first.cv_rows if r["status"] == "failed"] == [("cascaded_vit", 0)]
     state = json.loads((tmp_path / "out" / "sweeps" / "fake" / "state.json").read_text())
-    assert state["cv_done"] is False and len(state["groups"]) == 2
+    assert state["search_done"] is False and len(state["studies"]) == 4
     calls = _calls(channel)
+    failed = {c["trial_key"] for c in calls if "/cascaded_vit/" in c["trial_key"] and c["trial_key"].endswith("/f0")}
+    assert len(failed) == 2
 
     (channel / "crash.json").unlink()
     second = _sweep(space_file, tmp_path)
-    assert second.complete and second.chosen == first.chosen
+    assert second.complete and all(r["status"] == "done" for r in second.cv_rows)
     resumed = _calls(channel)[len(calls):]
-    assert len(resumed) == 1 and resumed[0]["start"] == 2  # only the failed trial, from its checkpoint
+    assert sorted((c["trial_key"], c["start"]) for c in resumed) == sorted((k, 2) for k in failed)  # from checkpoints
     client, runs = _runs(second)
     stages = _by_stage(runs)
-    assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8, "cv": 4}
-    _assert_no_duplicate_steps(client, stages["cv"])
+    assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8}
+    _assert_no_duplicate_steps(client, stages["search"])
 
     third = _sweep(space_file, tmp_path)  # everything finished: nothing runs again
-    assert third.complete and len(_calls(channel)) == len(calls) + 1
+    assert third.complete and len(_calls(channel)) == len(calls) + 2
     assert len(_runs(third)[1]) == len(runs)
 
 
@@ -416,33 +498,36 @@ def test_trial_config_holds_only_trainable_keys(tmp_path: Path) -> None:
     assert other["trial_key"].rsplit("/", 1)[0] == flat["trial_key"].rsplit("/", 1)[0]
 
 
-def test_group_seeds_differ_and_are_stable() -> None:
-    from orchestrator.sweep.searcher import group_seed
+def test_study_seeds_differ_and_are_stable() -> None:
+    from orchestrator.sweep.searcher import study_seed
 
-    seeds = {group_seed(0, d, a) for d in ("ravdess", "mead") for a in ("stl", "cascaded_vit")}
-    assert len(seeds) == 4 and group_seed(0, "mead", "stl") == group_seed(0, "mead", "stl")
-    assert group_seed(1, "mead", "stl") != group_seed(0, "mead", "stl")
+    seeds = {study_seed(0, d, a, k) for d in ("ravdess", "mead") for a in ("stl", "cascaded_vit")
+             for k in (None, 0, 1)}
+    assert len(seeds) == 12 and study_seed(0, "mead", "stl", 1) == study_seed(0, "mead", "stl", 1)
+    assert study_seed(1, "mead", "stl") != study_seed(0, "mead", "stl")
 
 
 @pytest.mark.slow
-def test_asha_prunes_stopped_configurations_within_a_group(ray_local, tmp_path: Path) -> None:
+def test_asha_prunes_stopped_configurations_within_a_study(ray_local, tmp_path: Path) -> None:
     import optuna
 
-    asha_space = SPACE.replace("archs: [stl, cascaded_vit]", "archs: [cascaded_vit]").replace(
-        "epochs: %d" % EPOCHS, "epochs: 4").replace("num_samples: 2\n  folds: [0, 1]",
-        "num_samples: 4\n  folds: [0]\n  scheduler: {type: asha, grace_period: 1, reduction_factor: 2}").replace(
+    asha_space = SPACE.replace("archs: [stl, cascaded_vit]", "archs: [cascaded_vit]\nfolds: [0]").replace(
+        "epochs: %d" % EPOCHS, "epochs: 4").replace("num_samples: 2\n",
+        "num_samples: 4\n  seed: 2\n  scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n").replace(
         "max_concurrent: 2", "max_concurrent: 1")  # one trial at a time: the rungs fill in a fixed order
+    # (seed 2 samples a sequence in which ASHA stops the 3rd and 4th configurations)
     space_file, _ = _setup(tmp_path)
     space_file.write_text(asha_space)
-    result = _sweep(space_file, tmp_path, stages=["search"])
-    study = optuna.load_study(study_name="demo__cascaded_vit",
+    result = _sweep(space_file, tmp_path)
+    study = optuna.load_study(study_name="demo__cascaded_vit__fold0",
                               storage=f"sqlite:///{tmp_path / 'out' / 'sweeps' / 'fake' / 'optuna.db'}")
     states = [t.state for t in study.trials]
     assert len(states) == 4 and optuna.trial.TrialState.PRUNED in states, states
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value)
-    assert result.chosen["demo__cascaded_vit"]["params"] == best.params
-    assert best.value == pytest.approx(fake_val_uar({"arch": "cascaded_vit", "fold": 0, **best.params}, 3))
+    assert result.chosen["demo__cascaded_vit__fold0"]["params"]["lr"] == pytest.approx(best.params["lr"])
+    config = {"arch": "cascaded_vit", "fold": 0, **best.params}
+    assert best.value == pytest.approx(max(fake_val_uar(config, e) for e in range(4)))
 
 
 def test_progress_view_counts_statuses_and_best_mean_per_group() -> None:
@@ -520,7 +605,7 @@ def test_more_folds_than_subjects_fails_before_any_trial_and_leaves_no_run(tmp_p
     from orchestrator.sweep.run import run_sweep
 
     space_file = tmp_path / "fake.yaml"
-    space_file.write_text(SPACE.replace("n_folds: 2", "n_folds: 5").replace("folds: [0, 1]", "folds: [0, 1, 2, 3, 4]"))
+    space_file.write_text(SPACE.replace("n_folds: 2", "n_folds: 5"))
     cache = tmp_path / "out" / "cache" / "demo"
     cache.mkdir(parents=True)
     write_manifest(cache, subjects=3)
@@ -529,6 +614,27 @@ def test_more_folds_than_subjects_fails_before_any_trial_and_leaves_no_run(tmp_p
     uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
     runs = [r for e in MlflowClient(uri).search_experiments() for r in MlflowClient(uri).search_runs([e.experiment_id])]
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_a_split_file_that_does_not_fit_the_cache_fails_before_ray_starts(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.sweep import run as sweep_run
+    from orchestrator.sweep.errors import SweepError
+    from orchestrator.sweep.run import run_sweep
+
+    split = tmp_path / "split.txt"  # subjects 0..2 only: subject 3 of the cache is in no test fold
+    split.write_text("subject,fold\n0 -> 0\n1 -> 1\n2 -> 1\n")
+    space_file = tmp_path / "fake.yaml"
+    space_file.write_text(SPACE.replace("n_folds: 2\n", f"n_folds: 2\nsplit_file: {split}\n"))
+    cache = tmp_path / "out" / "cache" / "demo"
+    cache.mkdir(parents=True)
+    write_manifest(cache, subjects=4)
+    def no_ray(*args: object) -> None:
+        raise AssertionError("the split file must be refused before Ray starts")
+
+    monkeypatch.setattr(sweep_run, "init_ray", no_ray)
+    with pytest.raises(SweepError, match=r"split file .*split.txt does not fit dataset 'demo'"):
+        run_sweep(space_file, out=tmp_path / "out", trainable=fake_trial)
 
 
 def test_an_empty_cache_and_a_missing_one_are_reported_together(tmp_path: Path) -> None:

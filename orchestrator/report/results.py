@@ -37,6 +37,8 @@ from orchestrator.tracking import (
     TAG_CONFIG_HASH,
     TAG_DATASET,
     TAG_FOLD,
+    TAG_SELECTED,
+    TAG_SELECTION,
     TAG_STAGE,
     TAG_SWEEP,
     TAG_TRIAL_KEY,
@@ -116,6 +118,8 @@ def _run_row(run, experiment_name: str) -> dict:
         "stage": tags.get(TAG_STAGE, ""),
         "config_hash": tags.get(TAG_CONFIG_HASH, ""),
         "trial_key": tags.get(TAG_TRIAL_KEY, ""),
+        "selected": tags.get(TAG_SELECTED, ""),
+        "selection": tags.get(TAG_SELECTION, ""),
         "parent_run_id": tags.get(PARENT_RUN_TAG, ""),
         "start_time": info.start_time,
         "end_time": info.end_time,
@@ -148,8 +152,9 @@ def load_runs(
         tracking_uri: MLflow tracking URI.
         experiment: experiment name(s); None reads every active experiment.
         sweep: keep only runs tagged ``sweep=<sweep>``.
-        stage: ``"cv"`` (default), ``"search"``, ``None`` for any trial stage, or ``"auto"``:
-            ``cv`` runs when there are any, else all trial runs.
+        stage: ``"cv"`` (default), ``"search"``, ``None`` for any trial stage, or ``"auto"``: the
+            trials nested selection chose for their folds (:func:`nested_results`) when there are
+            any, else ``cv`` runs when there are any, else all trial runs.
 
     Returns:
         Columns ``run_id, run_name, experiment, status, dataset, arch, fold (Int64), sweep, stage,
@@ -166,10 +171,14 @@ def load_runs(
     client = open_store(tracking_uri)
     experiments = experiment_ids(client, experiment)
     if stage == "auto":
+        frame = load_runs(tracking_uri, experiment, sweep, vocab.STAGE_SEARCH) if experiments else pd.DataFrame()
+        frame = nested_results(frame)
+        if len(frame):
+            return frame
         frame = load_runs(tracking_uri, experiment, sweep, vocab.STAGE_CV) if experiments else pd.DataFrame()
         if len(frame):
             return frame
-        logger.info("no runs tagged stage=cv; using every trial run (search stage included)")
+        logger.info("no runs tagged stage=cv or selected; using every trial run (search stage included)")
         stage = None
     runs = []
     if experiments:
@@ -185,6 +194,37 @@ def load_runs(
     if unlabeled.any():
         logger.warning("ignoring %d run(s) without dataset/arch tags", int(unlabeled.sum()))
     return _deduplicate(frame[~unlabeled].copy()).reset_index(drop=True)
+
+
+NESTED_CONFIG = "per-fold (nested)"  # the config_hash of a group's nested results: one choice per fold
+
+
+def nested_results(runs: pd.DataFrame) -> pd.DataFrame:
+    """The search runs nested selection chose (tag ``selected=true``), one per outer fold.
+
+    Their ``config_hash`` becomes :data:`NESTED_CONFIG` (each fold has its own chosen
+    configuration; the trained one stays in ``trained_config_hash``), so :func:`aggregate` sees one
+    result per fold of each group.
+    """
+    if runs.empty or "selected" not in runs:
+        return runs.iloc[0:0]
+    chosen = runs[runs["selected"] == "true"].copy()
+    chosen["trained_config_hash"] = chosen["config_hash"]
+    chosen["config_hash"] = NESTED_CONFIG
+    return chosen.reset_index(drop=True)
+
+
+def protocol(runs: pd.DataFrame) -> str:
+    """How the runs' configurations were chosen: ``nested``, ``pooled`` or ``fixed`` (nothing searched).
+
+    Runs without a ``selection`` tag (logged before it existed, or by ``mtcae train``) count as fixed.
+    """
+    values = set(runs["selection"].dropna()) - {""} if "selection" in runs else set()
+    if vocab.SELECTION_POOLED in values:
+        return vocab.SELECTION_POOLED
+    if vocab.SELECTION_NESTED in values:
+        return vocab.SELECTION_NESTED
+    return "fixed"
 
 
 def _deduplicate(frame: pd.DataFrame) -> pd.DataFrame:
@@ -251,7 +291,7 @@ def aggregate(runs: pd.DataFrame, n_folds: int | None = None) -> pd.DataFrame:
         n_folds: expected folds per group; default: the runs' ``n_folds`` param, else 5.
 
     Returns:
-        One row per (dataset, arch): ``config_hash``, ``n_configs``, ``folds_expected``,
+        One row per (dataset, arch): ``config_hash``, ``protocol`` (:func:`protocol`), ``n_configs``, ``folds_expected``,
         ``folds_done``, ``folds_missing``/``folds_failed``/``folds_running`` (comma-separated fold
         indices), ``uar_mean``, ``uar_std``, ``war_mean``, ``war_std``, ``accuracy_mean``,
         ``accuracy_std`` (percent), ``complete`` (all expected folds done).
@@ -265,7 +305,7 @@ def aggregate(runs: pd.DataFrame, n_folds: int | None = None) -> pd.DataFrame:
             h: _summarise_config(g, n_folds) for h, g in group.groupby("config_hash", sort=False)
         }
         best = max(configs, key=lambda h: _selection_key(configs[h]))
-        rows.append({"dataset": dataset, "arch": arch, "config_hash": best,
+        rows.append({"dataset": dataset, "arch": arch, "config_hash": best, "protocol": protocol(group),
                      "n_configs": len(configs), **configs[best]})
     agg = pd.DataFrame(rows)
     agg["complete"] = agg["folds_done"] >= agg["folds_expected"]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+import vocab
 from orchestrator.report import paper
 from orchestrator.report.results import (
     SCALE,
@@ -95,8 +96,22 @@ def rank_marks(values: pd.Series, second: bool = False) -> pd.Series:
     return marks
 
 
+PROTOCOL_NOTES = {
+    vocab.SELECTION_NESTED: "nested selection: each fold's configuration was chosen on a validation slice of that "
+              "fold's own training subjects; test subjects never influenced a choice",
+    vocab.SELECTION_POOLED: "selection on pooled folds (optimistic): configurations were chosen on validation "
+              "slices holding other folds' test subjects",
+}
+
+
+def protocol_notes(agg: pd.DataFrame) -> list[str]:
+    """One line per selection protocol the groups used (nothing for fixed configurations)."""
+    protocols = agg["protocol"].dropna().unique() if "protocol" in agg else []
+    return [PROTOCOL_NOTES[p] for p in sorted(protocols) if p in PROTOCOL_NOTES]
+
+
 def _notes_for_groups(agg: pd.DataFrame) -> list[str]:
-    notes = []
+    notes = protocol_notes(agg)
     for row in agg.itertuples():
         problems = [
             f"{label} {getattr(row, col)}"
@@ -157,6 +172,8 @@ def table1(agg: pd.DataFrame) -> Table:
     align = ["l", "l"] + ["r"] * (frame.shape[1] - 2)
     data = pd.concat(data_rows, ignore_index=True) if data_rows else pd.DataFrame()
     title = "Table 1: structure strategies, test UAR/WAR (%) over folds vs. the paper"
+    if "protocol" in agg and (agg["protocol"] == vocab.SELECTION_POOLED).any():
+        title += " (selection on pooled folds, optimistic)"
     return Table("table1", title, frame, mark_frame, data, align, notes)
 
 

@@ -111,7 +111,8 @@ def encoder_problems(space: SweepSpace, cache_root: Path, data_root: Path | None
 
 
 def fold_problems(space: SweepSpace, cache_root: Path) -> list[str]:
-    """A cache with no usable clip, or too few subjects (or classes) for the space's folds."""
+    """A cache with no usable clip, too few subjects (or classes) for the space's folds, or a split
+    file that does not fit it."""
     problems = []
     for dataset in space.datasets:
         target = cache_root / dataset
@@ -126,6 +127,13 @@ def fold_problems(space: SweepSpace, cache_root: Path) -> list[str]:
         if missing:
             problems.append(f"the cache of dataset {dataset!r} at {target} has no usable clip of class(es) "
                             f"{missing}: UAR over its classes is undefined (see {target / MANIFEST_FILE})")
+        if space.split_file:
+            try:
+                load_split_file(space.split_file, manifest)
+            except (OSError, ValueError) as err:
+                problems.append(f"the split file {space.split_file} does not fit dataset {dataset!r} "
+                                f"({target}): {err}")
+            continue
         try:
             make_folds(manifest, n_folds=space.n_folds, seed=FOLD_SEED)
         except ValueError as err:

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import vocab
+from orchestrator import tracking
 from orchestrator.hashing import stable_hash
 
-FINAL_MARKER = "test_uar"  # reported by the trainable only at the natural end of a trial
-_TUNE_KEYS = frozenset({"dataset", "arch", "fold", "config_index"})
+FINAL_MARKER = tracking.RESULT_METRIC  # reported by the trainable only at the natural end of a trial
+_TUNE_KEYS = frozenset({"study", "dataset", "arch", "fold", "config_index"})
 
 
 def group_key(dataset: str, arch: str) -> str:
@@ -43,6 +44,7 @@ class CellContext:
         group_runs: Group key -> MLflow run id of the group's parent run.
         select_metric: The space's ``metric``: every trial selects its tested epoch on it.
         folds_files: Dataset -> the sweep's folds file (every trial reads its fold from it).
+        selection: The space's selection protocol (None when nothing is searched).
     """
 
     trainable: Callable[[dict], Any] | str
@@ -57,6 +59,7 @@ class CellContext:
     group_runs: Mapping[str, str]
     select_metric: str = vocab.DEFAULT_SELECTION_METRIC
     folds_files: Mapping[str, str] = field(default_factory=dict)
+    selection: str | None = None
 
     def trial_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """The flat trial config of one Tune trial (only keys the trainable accepts)."""
@@ -96,4 +99,13 @@ def run_cell(config: dict, context: CellContext) -> None:
     """
     # One INFO line per checkpoint from Ray's storage layer would drown the trainable's own log.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    context.resolve_trainable()(context.trial_config(config))
+    flat = context.trial_config(config)
+    recorded = tracking.recorded_result(context.tracking_uri, context.experiment, flat["trial_key"])
+    if recorded is not None:  # finished before a driver restart: report its record, train nothing
+        from ray import tune
+
+        logging.getLogger(__name__).info("trial %s finished before; reporting its MLflow record",
+                                         flat["trial_key"])
+        tune.report(recorded)
+        return
+    context.resolve_trainable()(flat)

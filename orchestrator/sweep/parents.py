@@ -63,9 +63,10 @@ def start_parent_runs(tracking_uri: str, parents: Parents, space: SweepSpace, st
     params = {"space": space.path.name, "datasets": ",".join(space.datasets),
               "archs": ",".join(space.archs), "n_folds": space.n_folds,
               "folds": ",".join(map(str, space.folds)), "metric": space.metric,
+              "selection": space.selection if space.search is not None else "none (fixed configuration)",
               "searched": ",".join(p.name for p in (space.search.params if space.search else ()))}
     params.update({f"fixed.{k}": v for k, v in space.fixed.items()})
-    status = None if state.cv_done else "RUNNING"
+    status = None if state.complete else "RUNNING"
     log_to_run(tracking_uri, parents.sweep_run, params, status=status)
     for run_id in parents.group_runs.values():
         log_to_run(tracking_uri, run_id, status=status)

@@ -91,7 +91,9 @@ class SweepProgress(tune.Callback):
 
 
 def _trial_label(config: Mapping[str, Any]) -> str:
-    return f"{config.get('dataset')}/{config.get('arch')}"
+    """``dataset/arch``, and ``/f<k>`` for a nested study (one per outer fold)."""
+    label = f"{config.get('dataset')}/{config.get('arch')}"
+    return label + f"/f{config['fold']}" if str(config.get("study", "")).count("__") == 2 else label
 
 
 def _status_counts(trials: Sequence[Any]) -> str:

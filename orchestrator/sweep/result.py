@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import vocab
+
 
 @dataclass
 class SweepResult:
@@ -20,8 +22,10 @@ class SweepResult:
         experiment: MLflow experiment name.
         experiment_id: Its id.
         sweep_run_id: The sweep's parent run.
-        chosen: Group key -> ``{"params", "score", "completed"}`` (searched groups only).
-        cv_rows: One dict per final-CV trial: dataset, arch, fold, status, test_uar, test_war, ...
+        selection: ``nested`` or ``pooled`` for a searched space, None when nothing is searched.
+        chosen: Study name -> ``{"params", "score", "completed"}`` (with nested selection also the
+            chosen trial's ``run_id``, ``fold`` and test metrics).
+        cv_rows: One dict per (dataset, arch, fold) result: status, test_uar, test_war, ...
         complete: Whether every stage finished without failed trials.
         tables_dir: Where the tables were written, if they were.
         tables_markdown: The tables as Markdown, if they were written.
@@ -34,6 +38,7 @@ class SweepResult:
     experiment: str
     experiment_id: str
     sweep_run_id: str
+    selection: str | None = None
     chosen: dict[str, dict[str, Any]] = field(default_factory=dict)
     cv_rows: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = False
@@ -44,8 +49,16 @@ class SweepResult:
         """Human-readable: per-group final CV means, then where everything lives."""
         lines = [f"sweep {self.name}: {'complete' if self.complete else 'INCOMPLETE'}"]
         for key, choice in self.chosen.items():
-            lines.append(f"  chosen for {key}: {choice['params']} (mean {choice['score']:.4f} over "
-                         f"search folds, {choice['completed']} configurations completed)")
+            if choice.get("params") is None:
+                lines.append(f"  {key}: no configuration finished")
+            elif "fold" in choice:
+                lines.append(f"  chosen for {key}: {choice['params']} (validation {choice['score']:.4f} "
+                             f"on the fold's own training subjects, {choice['completed']} configurations)")
+            else:
+                lines.append(f"  chosen for {key}: {choice['params']} (mean {choice['score']:.4f} over "
+                             f"search folds, {choice['completed']} configurations completed)")
+        if self.selection == vocab.SELECTION_POOLED:
+            lines.append("  selection on pooled folds (optimistic): the choice saw other folds' test subjects")
         lines.extend(cv_means(self.cv_rows))
         lines.append(f"Tune results:      {self.storage}")
         lines.append(f"sweep state:       {self.sweep_dir}")
@@ -55,6 +68,20 @@ class SweepResult:
         if self.tables_dir:
             lines.append(f"tables:            {self.tables_dir}")
         return "\n".join(lines)
+
+
+def fold_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """``cv_test_uar_mean`` / ``_std`` (and WAR) over the done folds of one group's rows."""
+    import statistics
+
+    out = {}
+    for metric in ("test_uar", "test_war"):
+        values = [r[metric] for r in rows if r["status"] == "done" and isinstance(r.get(metric), (int, float))]
+        if values:
+            out[f"cv_{metric}_mean"] = statistics.fmean(values)
+        if len(values) > 1:
+            out[f"cv_{metric}_std"] = statistics.stdev(values)
+    return out
 
 
 def cv_means(rows: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -1,39 +1,40 @@
 """Sweeps: Ray Tune + Optuna over dataset x architecture x fold, resumable, tracked in MLflow.
 
-A sweep runs a search space (:mod:`orchestrator.sweep.space`) in two stages:
+A sweep runs a search space (:mod:`orchestrator.sweep.space`); :mod:`orchestrator.sweep.stages`
+says which stages its protocol runs (``docs/design.md``, "Protocol"):
 
-**Stage A, search** (only when the space searches something). One Optuna study per (dataset, arch)
-group, never one study across groups: TPE must not mix datasets, and Optuna cannot search inside a
-grid. Each group runs its own Tuner, one group after another, so an optional ASHA scheduler only
-ever compares trials of one group. A configuration's score is its **mean validation metric over the
-search folds** (``search.folds``), never a test metric: the searcher
-(:class:`orchestrator.sweep.searcher.FoldCVSearcher`) asks Optuna for a configuration, hands it out as one
-ordinary Tune trial per search fold (the trainable trains one fold per call, so folds of one
-configuration run in parallel and each is checkpointed and retried on its own), and tells Optuna the
-mean of the folds' best validation values once every fold has finished. A fold that failed for good
-fails the configuration (Optuna ``FAIL``); a fold stopped early by ASHA prunes it (``PRUNED``, so
-TPE does not take a truncated value for a final one). The study lives in an SQLite ``optuna.db`` in
-the sweep folder (``study_name = f"{dataset}__{arch}"``) with a sampler seed derived from the base
-seed and the group key.
+**Search** (only when the space searches something), every study in **one** Tune run so that a free
+slot always takes the next pending configuration of any study. With **nested selection** (the
+default) there is one Optuna study per (dataset, arch, outer fold): it trains only on that fold's
+training subjects (its validation slice is carved from them), scores a configuration by its
+validation ``metric``, and its best trial *is* the fold's result (tagged ``selected`` in MLflow);
+nothing is trained twice. With **pooled selection** there is one study per (dataset, arch), scored
+by the mean validation metric over ``search.folds``, and the chosen configuration is then tested
+on every fold in stage cv (optimistic; the tables say so). The searcher
+(:class:`orchestrator.sweep.searcher.StudySearcher`) asks each study's TPE sampler for a
+configuration, hands it out as one Tune trial per fold of its study and tells the study the result.
+Failed configurations are ``FAIL``; ASHA-stopped ones ``PRUNED`` (ASHA keeps one bracket per study).
+The studies live in an SQLite ``optuna.db`` in the sweep folder, seeded per study from the base seed.
 
-**Stage B, cv**: one Tuner over the grid dataset x arch x fold with each group's chosen configuration
-(or the fixed one when nothing is searched), default ``BasicVariantGenerator``, no scheduler: every
-fold gets the same budget.
+**CV**: one Tune run over the grid dataset x arch x fold with a fixed configuration (nothing
+searched) or each group's pooled choice; every fold gets the same budget.
 
 Fault tolerance: a stable sweep name (the file stem by default); Tune storage that may be local, NFS
 or ``s3://``; per-epoch checkpoints (``num_to_keep=1``) and ``FailureConfig`` retries from them;
-re-running the same command, or ``mtcae sweep --resume NAME``, restores unfinished Tuners with
-``Tuner.restore(..., resume_errored=True)``, and ``state.json`` in the sweep folder records finished
-stages so they are never re-run. MLflow gets one experiment, a parent run for the sweep, a nested
-run per group, and every trial's run nested under its group; runs are found by their ``trial_key``
-tag, so a resumed trial continues its run instead of creating another.
+re-running the same command, or ``mtcae sweep --resume NAME``, restores unfinished Tune runs with
+``Tuner.restore(..., resume_errored=True)``; a trial whose MLflow run already holds its test metrics
+is never trained again (MLflow, not Tune's snapshot, is the record of what finished), and a
+configuration a dead driver had sampled is taken up again, never failed. ``state.json`` records
+what each study chose. MLflow gets one experiment, a parent run for the sweep, a nested run per
+group, and every trial's run nested under its group; runs are found by their ``trial_key`` tag.
 
 Layout under the output folder (``--out``, default ``./mtcae_runs``)::
 
     cache/<dataset>/              preprocessing caches (``--cache``)
-    ray_results/<sweep>/          Tune experiments: search-<dataset>-<arch>/, cv/  (``--storage``)
-    sweeps/<sweep>/state.json     finished stages, chosen configurations
+    ray_results/<sweep>/          Tune runs: search/, cv/  (``--storage``)
+    sweeps/<sweep>/state.json     what each study chose, whether the results are complete
     sweeps/<sweep>/space.yaml     the search space the sweep started with
+    sweeps/<sweep>/folds/         the folds every trial reads (one JSON file per dataset)
     sweeps/<sweep>/optuna.db      the Optuna studies
     mlflow.db, mlartifacts/       the embedded MLflow store (``--tracking-uri`` for a server)
     tables/<sweep>/               result tables (``orchestrator.pipeline``, ``mtcae table``)
@@ -48,7 +49,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import vocab
 from orchestrator.sweep.caches import build_caches, check_folds, preflight, sweep_folds
 from orchestrator.sweep.cluster import init_ray, is_local
 from orchestrator.sweep.errors import SweepError, SweepInterrupted
@@ -62,7 +62,7 @@ from orchestrator.sweep.parents import (
 from orchestrator.sweep.result import SweepResult
 from orchestrator.sweep.space import SweepSpace, find_search_space
 from orchestrator.sweep.space_file import load_search_space
-from orchestrator.sweep.stages import make_run, run_stages
+from orchestrator.sweep.stages import make_run, run_stages, sweep_stages
 from orchestrator.sweep.state import SweepState, join_storage, space_hash
 
 logger = logging.getLogger(__name__)
@@ -93,16 +93,16 @@ def run_sweep(
     address: str | None = None,
     num_cpus: int | None = None,
     gpus_per_trial: float | None = None,
-    stages: Sequence[str] = (vocab.STAGE_SEARCH, vocab.STAGE_CV),
+    stages: Sequence[str] | None = None,
     reuse_actors: bool = False,
     check_caches: bool = True,
     progress_interval_s: float = 30.0,
 ) -> SweepResult:
-    """Run (or continue) a sweep: stage A per-group search, then stage B final CV.
+    """Run (or continue) a sweep: the stages its protocol needs (:func:`~orchestrator.sweep.stages.sweep_stages`).
 
-    Re-running with the same name continues where the previous run stopped: finished groups and a
-    finished CV stage are skipped, unfinished Tune experiments are restored (errored trials are
-    retried from their last checkpoint), MLflow runs are reused.
+    Re-running with the same name continues where the previous run stopped: a finished search and
+    a finished CV stage are skipped, unfinished Tune runs are restored (errored trials are retried
+    from their last checkpoint), trials MLflow holds a result for are not trained again.
 
     Args:
         space: A :class:`SweepSpace`, a YAML path or a shipped space name (``smoke``); may be None
@@ -121,7 +121,7 @@ def run_sweep(
             local Ray instance.
         num_cpus: CPUs of a local Ray instance (default: all).
         gpus_per_trial: Override ``resources.gpu`` (fractions share a GPU).
-        stages: Stages to run now (``search``, ``cv``); the default runs both.
+        stages: Stages to run now (``search``, ``cv``); the default runs every stage of the plan.
         reuse_actors: Reuse trial actors (cheaper on CPU; keep False for GPU trials).
         check_caches: Run the pre-flight checks (caches, encoders, folds) before scheduling.
         progress_interval_s: Seconds between progress views while nothing finishes.
@@ -162,7 +162,7 @@ def run_sweep(
         run = make_run(space, name, settings, sweep_dir, state, parents, trainable, gpus_per_trial,
                         local=is_local(mode), reuse_actors=reuse_actors,
                         progress_interval_s=progress_interval_s, folds_files=folds_files)
-        result = run_stages(run, parents, stages)
+        result = run_stages(run, parents, stages or sweep_stages(space))
     except BaseException as err:  # no run stays RUNNING after a stop or a failure
         status = "KILLED" if isinstance(err, (KeyboardInterrupt, SweepInterrupted)) else "FAILED"
         close_trial_runs(settings["tracking_uri"], parents.experiment_id, name, status)

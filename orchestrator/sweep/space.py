@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+import vocab
+
 Problem = tuple[str, str]  # (key path, message)
 
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -107,11 +109,13 @@ class Search:
 
     Attributes:
         params: Searched parameters, sampled in this order.
-        num_samples: Configurations sampled per group.
-        folds: CV folds each configuration trains on; its score is the mean validation metric.
-        seed: Base seed; each group's sampler seed is derived from it and the group key.
-        max_concurrent: Trials of one group running at once (fewer = better-informed TPE).
-        scheduler: Optional ASHA within the group.
+        num_samples: Configurations sampled per study (per group, or per outer fold when nested).
+        folds: With pooled selection, the folds each configuration trains on (its score is the mean
+            validation metric); with nested selection, unused (each outer fold is its own study).
+        seed: Base seed; each study's sampler seed is derived from it and the study's key.
+        max_concurrent: Trials of one study running at once (fewer = better-informed TPE); the
+            sweep as a whole runs as many trials as the cluster's resources allow.
+        scheduler: Optional ASHA within each study.
     """
 
     params: tuple[Param, ...]
@@ -163,6 +167,8 @@ class SweepSpace:
         folds: Folds the final cross-validation runs (default: all).
         metric: Validation metric that scores configurations (``val_*``, never a test metric).
         mode: ``max`` or ``min``.
+        selection: ``nested`` (default) or ``pooled``: how a searched configuration is chosen for
+            an outer fold (:data:`vocab.SELECTIONS`).
         fixed: Fixed trial settings, as :class:`TrialConfig` coerced them.
         search: The searched parameters, or None when every setting is fixed.
         preprocess: Settings for building a missing preprocessing cache (e.g. ``size``).
@@ -181,6 +187,7 @@ class SweepSpace:
     folds: tuple[int, ...]
     metric: str = "val_uar"
     mode: str = "max"
+    selection: str = vocab.SELECTION_NESTED
     fixed: Mapping[str, Any] = field(default_factory=dict)
     search: Search | None = None
     preprocess: Mapping[str, Any] = field(default_factory=dict)

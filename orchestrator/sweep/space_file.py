@@ -102,6 +102,15 @@ class _Search(BaseModel):
     scheduler: Scheduler | None = None
     params: Annotated[dict[str, dict[str, Any]], AfterValidator(_unique)]
 
+    @field_validator("folds")
+    @classmethod
+    def _pooled_only(cls, folds: tuple[int, ...] | None, info: ValidationInfo) -> tuple[int, ...] | None:
+        if folds is not None and (info.context or {}).get("selection") != vocab.SELECTION_POOLED:
+            raise ValueError("search folds exist only with `selection: pooled`; nested selection (the "
+                             "default) searches inside every outer fold on its training subjects: drop "
+                             "search.folds (top-level `folds:` limits the outer folds)")
+        return folds
+
     @field_validator("scheduler")
     @classmethod
     def _asha(cls, scheduler: Scheduler | None, info: ValidationInfo) -> Scheduler | None:
@@ -110,7 +119,8 @@ class _Search(BaseModel):
         if scheduler is not None and "epochs" not in context.get("fixed", {}):
             problems.append("ASHA needs a fixed epoch budget: set fixed.epochs (ASHA's max_t); do "
                             "not search epochs with ASHA")
-        if scheduler is not None and len(info.data.get("folds") or range(n_folds)) != 1:
+        pooled = context.get("selection") == vocab.SELECTION_POOLED
+        if pooled and scheduler is not None and len(info.data.get("folds") or range(n_folds)) != 1:
             problems.append("ASHA needs exactly one search fold: its rungs would compare trials of "
                             "different folds; set search.folds to one fold or drop the scheduler")
         if problems:
@@ -143,6 +153,7 @@ class _File(BaseModel):
     n_folds: Annotated[int, Field(strict=True, ge=2)]
     folds: Folds | None = None  # default: all folds
     metric: Annotated[str, AfterValidator(_validation_metric)] = "val_uar"
+    selection: Literal[vocab.SELECTIONS] = vocab.SELECTION_NESTED
     split_file: str | None = None  # a published split (relative to the space file), else computed folds
     mode: Literal["max", "min"] | None = None  # default: the metric's own direction
     fixed: dict[str, Any] = {}
@@ -248,7 +259,9 @@ def load_search_space(path: Path | str) -> SweepSpace:
     raw = _read_yaml(path)
     problems: list[Problem] = []
     fixed = _fixed(raw.get("fixed"), problems)
-    file = _validate(_File, raw, "", problems, {"n_folds": raw.get("n_folds"), "fixed": fixed})
+    context = {"n_folds": raw.get("n_folds"), "fixed": fixed,
+               "selection": raw.get("selection", vocab.SELECTION_NESTED)}
+    file = _validate(_File, raw, "", problems, context)
     search = raw.get("search")
     params = search.get("params") if isinstance(search, dict) else None
     params = tuple(_param(str(name), spec, fixed, [str(n) for n in list(params)[:i]], problems)
@@ -267,6 +280,7 @@ def _sweep_space(path: Path, file: _File, fixed: dict[str, Any], params: tuple[P
     return SweepSpace(
         path=path, name=path.stem, description=file.description, datasets=file.datasets,
         archs=file.archs, n_folds=file.n_folds, folds=file.folds or all_folds, metric=file.metric,
+        selection=file.selection,
         split_file=str((path.parent / file.split_file).resolve()) if file.split_file else None,
         mode=file.mode or vocab.SELECTION_METRICS[file.metric], fixed=fixed, search=search, resources=file.resources,
         preprocess=file.preprocess.model_dump(exclude_none=True), max_failures=file.failure.max_failures,
