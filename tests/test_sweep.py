@@ -109,7 +109,8 @@ def _maybe_crash(channel: Path, config: dict, epoch: int) -> None:
     """Act when ``crash.json`` selects this trial at this epoch (``once``: only the first time).
 
     ``action: raise`` (default) fails the trial; ``action: interrupt`` sends SIGINT to the driver
-    (Tune stops the experiment gracefully, as on Ctrl+C) and waits to be stopped with it.
+    (Tune stops the experiment gracefully, as on Ctrl+C) and waits to be stopped with it;
+    ``action: kill`` SIGKILLs the driver (tests/test_kills.py).
     """
     rule_file = channel / "crash.json"
     if not rule_file.is_file():
@@ -120,8 +121,9 @@ def _maybe_crash(channel: Path, config: dict, epoch: int) -> None:
     if not selected or (rule["once"] and marker.exists()):
         return
     marker.write_text(config["trial_key"])
-    if rule.get("action") == "interrupt":
-        os.kill(int((channel / "driver.pid").read_text()), signal.SIGINT)
+    if rule.get("action") in ("interrupt", "kill"):  # Ctrl+C, or a driver that dies on the spot
+        os.kill(int((channel / "driver.pid").read_text()),
+                signal.SIGINT if rule["action"] == "interrupt" else signal.SIGKILL)
         time.sleep(60)
     raise RuntimeError(f"injected crash at epoch {epoch}")
 
