@@ -45,6 +45,11 @@ class ArchitectureName:
         return {"vit": "ViT Decoder", "mlp": "MLP", None: "-"}.get(self.decoder_kind, str(self.decoder_kind))
 
     @property
+    def display(self) -> str:
+        """The name a figure or a paper uses: "Cascaded ViT Decoder", "STL"."""
+        return self.mtl_type if self.decoder_kind is None else f"{self.mtl_type} {self.decoder_label}"
+
+    @property
     def multitask(self) -> bool:
         """Whether the architecture trains the box and landmark tasks too."""
         return self.decoder_kind is not None

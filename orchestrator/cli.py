@@ -93,7 +93,7 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export-dir", type=Path, default=None,
                    help="folder for the exported files (default: <out>/tables/<sweep or all>)")
     p.add_argument("--format", default="md",
-                   help="comma-separated subset of md,csv,latex,png, or all (default: %(default)s; "
+                   help="comma-separated subset of md,csv,latex,png,pdf,svg, or all (default: %(default)s; "
                    "markdown is always printed)")
     p.add_argument("--compare", nargs=2, metavar=("ARCH_A", "ARCH_B"), default=None,
                    help="paired comparison of two architectures across folds")

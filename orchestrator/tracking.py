@@ -217,6 +217,21 @@ def trial_runs(client: Any, experiment_id: str, sweep: str, stage: str, **tags: 
             return runs
 
 
+def _runs_of_key(tracking_uri: str, experiment_name: str, key: str) -> tuple[Any, list[Any]]:
+    """A client and the runs of an experiment (by name) tagged ``trial_key = key``, oldest first."""
+    client = make_client(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None or not key or "'" in key:
+        return client, []
+    return client, _find_runs_by_key(client, experiment.experiment_id, key)
+
+
+def find_run_id(tracking_uri: str, experiment_name: str, key: str) -> str | None:
+    """The id of the run tagged ``trial_key = key`` (the oldest), or None."""
+    runs = _runs_of_key(tracking_uri, experiment_name, key)[1]
+    return runs[0].info.run_id if runs else None
+
+
 def has_result(run: Any) -> bool:
     """Whether a trial run finished with its test metrics (a trial that need never run again)."""
     return run.info.status == "FINISHED" and RESULT_METRIC in run.data.metrics
@@ -238,11 +253,8 @@ def recorded_result(tracking_uri: str, experiment_name: str, key: str) -> dict[s
     finished and before Tune saved its state). A run that logged its test metrics and then lost
     its worker before closing is closed ``FINISHED`` here.
     """
-    client = make_client(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None or not key or "'" in key:
-        return None
-    for run in _find_runs_by_key(client, experiment.experiment_id, key):
+    client, runs = _runs_of_key(tracking_uri, experiment_name, key)
+    for run in runs:
         if RESULT_METRIC in run.data.metrics:
             if run.info.status != "FINISHED":
                 client.set_terminated(run.info.run_id, status="FINISHED")

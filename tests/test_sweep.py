@@ -232,6 +232,9 @@ def test_smoke_sweep_completes_with_the_right_mlflow_runs(smoke) -> None:
         assert group.info.status == "FINISHED"
         assert {"cv_test_uar_mean", "cv_test_uar_std"} <= set(group.data.metrics)
         assert {"fold0.lr", "fold1.lr"} <= set(group.data.params)  # the choice of every outer fold
+        plots = {a.path for study in ("fold0", "fold1") for a in client.list_artifacts(
+            group.info.run_id, f"optuna/demo__{group.data.tags['arch']}__{study}")}
+        assert {p.rsplit("/", 1)[1] for p in plots} == {"history.png", "importance.png"}
     for run in stages["search"]:
         tags = run.data.tags
         assert tags["sweep"] == "fake" and tags["dataset"] == "demo" and tags["selection"] == "nested"
@@ -287,6 +290,8 @@ def test_each_outer_fold_reports_the_trial_its_own_study_chose(smoke) -> None:
                 assert expected != pytest.approx(fake_val_uar({"arch": arch, "fold": fold, **trial.params},
                                                               EPOCHS - 1))
                 assert trial.user_attrs[f"fold{fold}_trial_key"].endswith(f"/f{fold}")
+                run_of_trial = next(r for r in search if r.info.run_id == trial.user_attrs[f"fold{fold}_mlflow_run_id"])
+                assert run_of_trial.data.tags["trial_key"] == trial.user_attrs[f"fold{fold}_trial_key"]
             mine = [r for r in search if r.data.tags["arch"] == arch and r.data.tags["fold"] == str(fold)]
             assert len(mine) == 2  # trained only on this outer fold
             chosen = [r for r in mine if r.data.tags["selected"] == "true"]

@@ -211,9 +211,12 @@ def test_paired_comparison_matches_scipy(loaded):
     assert war["p_wilcoxon"] == pytest.approx(0.0625)  # 5 positive differences, exact test
     assert war["verdict"] == "A better"
     # Only the folds both completed are paired: cascaded lacks fold 4.
-    cascaded = tables.compare_archs(runs, agg, "cascaded_vit", "stl").data
-    first = cascaded[cascaded["dataset"] == "ravdess"].iloc[0]
+    cascaded = tables.compare_archs(runs, agg, "cascaded_vit", "stl")
+    first = cascaded.data[cascaded.data["dataset"] == "ravdess"].iloc[0]
     assert first["n_pairs"] == 4 and np.isnan(first["p_wilcoxon"])
+    assert any(n.startswith("warning: only") and "4 paired fold" in n for n in cascaded.notes)
+    assert not any(n.startswith("warning") for n in tables.compare_archs(runs, agg, "shared_mlp", "stl").notes
+                   if "ravdess" in n)
     with pytest.raises(ValueError, match="no runs for architecture 'nope'"):
         tables.compare_archs(runs, agg, "nope", "stl")
 
@@ -243,8 +246,12 @@ def test_exports_and_parent_artifacts(store, tmp_path):
     for stem in ("table1", "table2_ravdess", "comparison_demo", "recall_ravdess",
                  "compare_shared_mlp_vs_stl"):
         assert {f"{stem}.md", f"{stem}.csv", f"{stem}.tex"} <= names
-    assert {"results.png", "aggregate.csv", "runs.csv"} <= names
+    assert {"results.png", "results.pdf", "results.svg", "aggregate.csv", "runs.csv"} <= names
     assert all(p.exists() for p in report.files)
+    assert (tmp_path / "results.pdf").read_bytes().startswith(b"%PDF")
+    svg = (tmp_path / "results.svg").read_text()
+    assert "Cascaded ViT Decoder" in svg and "cascaded_vit" not in svg  # display names, not ids
+    assert "chance" in svg and "error bars: ±1 sample std over folds" in svg
 
     tex = (tmp_path / "table1.tex").read_text()
     n_cols = 2 + 7 * 2  # MTL type, decoder + 7 columns for each of RAVDESS and demo

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 import vocab
-from orchestrator.report.figures import plot_results
+from orchestrator.report.figures import FIGURE_FORMATS, plot_results
 from orchestrator.report.render import to_latex, to_markdown
 from orchestrator.report.results import (
     aggregate,
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 
-FORMATS = ("md", "csv", "latex", "png")
+FORMATS = ("md", "csv", "latex", *FIGURE_FORMATS)
 
 
 ARTIFACT_DIR = "tables"
@@ -78,7 +78,7 @@ def write_exports(
     export_dir: Path,
     formats: Sequence[str],
 ) -> list[Path]:
-    """Write each table as ``<name>.md`` / ``.csv`` / ``.tex``, plus ``results.png``,
+    """Write each table as ``<name>.md`` / ``.csv`` / ``.tex``, plus ``results.png`` / ``.pdf`` / ``.svg``,
     ``aggregate.csv`` and ``runs.csv`` (with csv). Returns the written paths."""
     export_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -96,8 +96,9 @@ def write_exports(
         agg.to_csv(export_dir / "aggregate.csv", index=False)
         runs.to_csv(export_dir / "runs.csv", index=False)
         written += [export_dir / "aggregate.csv", export_dir / "runs.csv"]
-    if "png" in formats and len(agg):
-        written.append(plot_results(agg, runs, export_dir / "results.png"))
+    figures = [f for f in FIGURE_FORMATS if f in formats]
+    if figures and len(agg):
+        written += plot_results(agg, runs, export_dir / "results.png", figures)
     return written
 
 
@@ -160,7 +161,7 @@ def make_tables(
         stage: see :func:`load_runs` (default ``auto``: cv runs if any, else every trial run).
         export_dir: folder for the files; None writes nothing to disk except a temporary copy
             for artifact logging.
-        formats: subset of ``md, csv, latex, png`` (or ``all``).
+        formats: subset of ``md, csv, latex, png, pdf, svg`` (or ``all``).
         compare: two architectures for the paired comparison.
         n_folds: expected folds per group (default: the runs' ``n_folds`` param, else 5).
         log_artifacts: attach the files to the sweep's parent run when one exists.

@@ -389,6 +389,13 @@ def _comparison_result_table(data: pd.DataFrame, arch_a: str, arch_b: str) -> Ta
         marks.loc[data["verdict"].isin(["A better", "B better"]).to_numpy(), "verdict"] = "best"
     notes = [f"paired over folds both architectures completed (chosen configurations); "
              f"two-sided p; Wilcoxon needs >= {WILCOXON_MIN_PAIRS} pairs; alpha = {ALPHA}"]
+    few = sorted({int(n) for n in data.get("n_pairs", []) if n < WILCOXON_MIN_PAIRS})
+    if few:
+        warning = (f"warning: only {'/'.join(map(str, few))} paired fold(s): with fewer than "
+                   f"{WILCOXON_MIN_PAIRS} the t-test has little power and no Wilcoxon p is reported; "
+                   "do not read 'no significant difference' as 'no difference'")
+        notes.append(warning)
+        logger.warning("%s vs %s: %s", arch_a, arch_b, warning)
     title = f"Paired comparison {arch_a} (A) vs {arch_b} (B), test metrics (%)"
     return Table(f"compare_{slug(arch_a)}_vs_{slug(arch_b)}", title, cells, marks, data,
                  ["l", "l", "r", "r", "r", "r", "r", "r", "l"], notes)

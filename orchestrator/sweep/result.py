@@ -53,7 +53,7 @@ class SweepResult:
                 lines.append(f"  {key}: no configuration finished")
             elif "fold" in choice:
                 lines.append(f"  chosen for {key}: {choice['params']} (validation {choice['score']:.4f} "
-                             f"on the fold's own training subjects, {choice['completed']} configurations)")
+                             f"on a slice of the fold's training subjects, {choice['completed']} configurations)")
             else:
                 lines.append(f"  chosen for {key}: {choice['params']} (mean {choice['score']:.4f} over "
                              f"search folds, {choice['completed']} configurations completed)")

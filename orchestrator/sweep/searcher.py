@@ -80,7 +80,7 @@ class StudySearcher(Searcher):
     study's running trials. A configuration equal to one the study already sampled is not trained
     again: it receives that configuration's score. The searcher's state is saved with Tune's
     experiment state, and the studies persist in an RDB storage, each trial carrying its folds'
-    scores and trial keys as user attributes; a configuration a dead driver had sampled after Tune's
+    scores, trial keys and MLflow run ids as user attributes; a configuration a dead driver had sampled after Tune's
     last snapshot is taken up again on restore (same number, same parameters), never failed.
 
     Args:
@@ -89,6 +89,7 @@ class StudySearcher(Searcher):
         mode: ``max`` or ``min``.
         storage_url: Optuna RDB URL (``sqlite:///.../optuna.db``).
         trial_key: Tune config -> the trial's key (its MLflow ``trial_key`` tag), for user attributes.
+        run_id: Trial key -> its MLflow run id (None when it has none), for user attributes.
         max_per_study: Running trials of one study at once (None: no cap).
         prune_without: Result key that only a naturally finished trial reports; a fold whose last
             result lacks it was stopped early (ASHA) and prunes its configuration. None: never prune.
@@ -101,6 +102,7 @@ class StudySearcher(Searcher):
         mode: str,
         storage_url: str,
         trial_key: Callable[[Mapping[str, Any]], str] | None = None,
+        run_id: Callable[[str], str | None] | None = None,
         max_per_study: int | None = None,
         prune_without: str | None = None,
     ) -> None:
@@ -108,6 +110,7 @@ class StudySearcher(Searcher):
         self._studies = {s.name: s for s in studies}
         self._storage_url = storage_url
         self._trial_key = trial_key
+        self._run_id = run_id
         self._max_per_study = max_per_study
         self._prune_without = prune_without
         self._samplers: dict[str, Any] = {}
@@ -185,7 +188,9 @@ class StudySearcher(Searcher):
         pruned = bool(self._prune_without) and not self._finished_naturally.pop(trial_id, False)
         config["folds"][str(fold)] = {"score": score, "pruned": pruned and not error}
         key = self._trial_key(self._tune_config(study, index, fold)) if self._trial_key else None
-        self._set_attrs(name, config, {f"fold{fold}_{self._metric}": score, f"fold{fold}_trial_key": key})
+        run = self._run_id(key) if self._run_id and key else None
+        self._set_attrs(name, config, {f"fold{fold}_{self._metric}": score, f"fold{fold}_trial_key": key,
+                                       f"fold{fold}_mlflow_run_id": run})
         if len(config["folds"]) == len(study.folds):
             self._tell(name, index)
 

@@ -13,6 +13,7 @@ What runs depends on the space (``docs/design.md``, "Protocol"):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +41,7 @@ from orchestrator.sweep.searcher import (
 )
 from orchestrator.sweep.space import SweepSpace
 from orchestrator.sweep.state import SweepState, join_storage
+from orchestrator.sweep.study_plots import log_study_plots
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,7 @@ def _run_search(run: SweepRun, studies: Sequence[Study]) -> int:
     searcher = StudySearcher(
         studies, space.metric, space.mode, run.optuna_url,
         trial_key=lambda config: context.trial_config(config)["trial_key"],
+        run_id=functools.partial(tracking.find_run_id, context.tracking_uri, context.experiment),
         max_per_study=search.max_concurrent,
         prune_without=FINAL_MARKER if search.scheduler else None,
     )
@@ -161,6 +164,7 @@ def _search_stage(run: SweepRun, parents: Parents) -> None:
             record_choice(run, parents.group_runs[study.group], run.state.studies[study.name])
     run.state.search_done = not failed
     run.state.save()
+    log_study_plots(run.context.tracking_uri, parents.group_runs, run.optuna_url, studies, run.space.mode)
     if failed:
         logger.error("[%s] %d search trial(s) failed for good; re-run the same command (or mtcae sweep "
                      "--resume %s) to retry them from their last checkpoints", run.name, failed, run.name)
