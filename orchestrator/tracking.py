@@ -493,8 +493,12 @@ def _check_predictions(
     return true, pred
 
 
-def save_confusion_png(confusion: np.ndarray, class_names: Sequence[str], path: Path) -> None:
-    """Write a row-normalised confusion matrix (counts annotated) as a PNG.
+def save_confusion_png(confusion: np.ndarray, class_names: Sequence[str], path: Path,
+                       title: str | None = None, annotate: str = "counts") -> None:
+    """Write a confusion matrix as a PNG, coloured by row-normalised rates.
+
+    Args:
+        annotate: ``counts`` (clips per cell) or ``rates`` (row-normalised, each row sums to 1).
 
     Uses a bare Agg ``Figure`` (no pyplot), so it is safe in worker processes without a display.
     """
@@ -504,20 +508,54 @@ def save_confusion_png(confusion: np.ndarray, class_names: Sequence[str], path: 
     k = len(class_names)
     support = confusion.sum(axis=1, keepdims=True)
     rates = confusion / np.maximum(support, 1)
-    fig = Figure(figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k), dpi=100)
+    fig = Figure(figsize=(1.0 + 0.7 * k, 1.0 + 0.6 * k), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
     for i in range(k):
         for j in range(k):
             color = "white" if rates[i, j] > 0.5 else "black"
-            ax.text(j, i, str(confusion[i, j]), ha="center", va="center", color=color, fontsize=8)
+            text = str(confusion[i, j]) if annotate == "counts" else f"{rates[i, j]:.2f}"
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.set_xticks(range(k), labels=list(class_names), rotation=45, ha="right")
     ax.set_yticks(range(k), labels=list(class_names))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.tight_layout()
     fig.savefig(path)
+
+
+def fold_confusion(client: Any, run_ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """The confusion matrix summed over the ``predictions.csv`` of several trial runs (one per fold).
+
+    Returns:
+        (counts, class names in label order); runs without the artifact are skipped.
+    """
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    frames = []
+    with tempfile.TemporaryDirectory(prefix="mtcae_predictions_") as tmp:
+        for run_id in run_ids:
+            try:
+                path = client.download_artifacts(run_id, "predictions.csv", tmp)
+            except (OSError, MlflowException) as err:
+                logger.warning("run %s has no predictions.csv (%s); left out of the fold confusion", run_id, err)
+                continue
+            frames.append(pd.read_csv(path))
+            Path(path).unlink()
+    if not frames:
+        return np.zeros((0, 0), dtype=int), []
+    table = pd.concat(frames, ignore_index=True)
+    names = dict(zip(table["label"], table["label_name"])) | dict(zip(table["pred"], table["pred_name"]))
+    labels = sorted(names)
+    index = {label: i for i, label in enumerate(labels)}
+    counts = np.zeros((len(labels), len(labels)), dtype=int)
+    for true, pred in zip(table["label"], table["pred"]):
+        counts[index[true], index[pred]] += 1
+    return counts, [names[label] for label in labels]
 
 
 def _write_recall_csv(confusion: np.ndarray, recalls: np.ndarray, class_names: Sequence[str], path: Path) -> None:

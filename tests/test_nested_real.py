@@ -72,6 +72,11 @@ def test_nested_sweep_with_the_real_trainable_never_leaks_and_never_retrains(tmp
         row = next(r for r in result.cv_rows if r["fold"] == k)
         assert row["test_uar"] == chosen[0].data.metrics["test_uar"]
 
+    group = client.search_runs([result.experiment_id], filter_string="tags.stage = 'group'")[0]
+    assert {"confusion_counts.png", "confusion_normalised.png"} <= {a.path for a in client.list_artifacts(
+        group.info.run_id)}  # summed over the folds' chosen trials
+    assert {"cv_test_uar_mean", "cv_test_uar_std", "fold0_search_best_val_uar"} <= set(group.data.metrics)
+
     again = run_sweep(space, out=tmp_path / "out", num_cpus=2, address="local")  # nothing left to train
     assert again.complete and again.cv_rows == result.cv_rows
     assert len(client.search_runs([result.experiment_id], filter_string="tags.stage = 'search'")) == 4

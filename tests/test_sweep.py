@@ -226,6 +226,10 @@ def test_smoke_sweep_completes_with_the_right_mlflow_runs(smoke) -> None:
     sweep_run = stages["sweep"][0]
     assert sweep_run.info.run_id == result.sweep_run_id and sweep_run.info.status == "FINISHED"
     assert sweep_run.data.tags["sweep"] == "fake" and sweep_run.data.params["selection"] == "nested"
+    assert [a.path for a in client.list_artifacts(sweep_run.info.run_id, "space")] == ["space/space.yaml"]
+    experiment = client.get_experiment(result.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "selection nested on `val_uar`" in experiment.tags["mlflow.note.content"]
     groups = {r.data.tags["arch"]: r for r in stages["group"]}
     for group in groups.values():
         assert group.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import vocab
@@ -27,6 +29,7 @@ class Parents:
 def create_parent_runs(tracking_uri: str, experiment: str, sweep: str, space: SweepSpace) -> Parents:
     """The experiment, the sweep's parent run and one nested run per group (all idempotent)."""
     experiment_id = tracking.ensure_experiment(tracking_uri, experiment)
+    describe_experiment(tracking_uri, experiment_id, space)
     sweep_run = tracking.get_or_create_run(
         tracking_uri, experiment_id, key=f"{sweep}/sweep", run_name=sweep,
         tags={"stage": vocab.STAGE_SWEEP, "sweep": sweep, "space": space.path.name},
@@ -39,6 +42,20 @@ def create_parent_runs(tracking_uri: str, experiment: str, sweep: str, space: Sw
             tags={"stage": vocab.STAGE_GROUP, "sweep": sweep, "dataset": dataset, "arch": arch},
         )
     return Parents(experiment_id, sweep_run, groups)
+
+
+EXPERIMENT_KIND = "custom_model_development"  # what the MLflow UI opens on: training runs, not traces
+
+
+def describe_experiment(tracking_uri: str, experiment_id: str, space: SweepSpace) -> None:
+    """The experiment's description (the space's, with its grid and protocol) and kind."""
+    client = tracking.make_client(tracking_uri)
+    selection = space.selection if space.search is not None else "fixed configuration"
+    note = (f"{space.description or space.name}\n\nSearch space `{space.path.name}`: datasets "
+            f"{', '.join(space.datasets)}; architectures {', '.join(space.archs)}; {space.n_folds} "
+            f"subject-independent folds; selection {selection} on `{space.metric}`.")
+    client.set_experiment_tag(experiment_id, "mlflow.note.content", note)
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
 
 
 def log_to_run(tracking_uri: str, run_id: str, params: Mapping[str, Any] = (),
@@ -68,6 +85,10 @@ def start_parent_runs(tracking_uri: str, parents: Parents, space: SweepSpace, st
     params.update({f"fixed.{k}": v for k, v in space.fixed.items()})
     status = None if state.complete else "RUNNING"
     log_to_run(tracking_uri, parents.sweep_run, params, status=status)
+    client = tracking.make_client(tracking_uri)
+    saved = state.path.parent / "space.yaml"
+    if saved.is_file() and not client.list_artifacts(parents.sweep_run, "space"):
+        client.log_artifact(parents.sweep_run, str(saved), artifact_path="space")
     for run_id in parents.group_runs.values():
         log_to_run(tracking_uri, run_id, status=status)
 
@@ -108,3 +129,17 @@ def close_trial_runs(tracking_uri: str, experiment_id: str, sweep: str, status: 
         logger.warning("[%s] %d trial run(s) were still RUNNING in MLflow with no live trial; marked %s",
                        sweep, len(trials), status)
     return len(trials)
+
+
+def log_fold_confusion(client: Any, group_run: str, run_ids: list[str], title: str) -> None:
+    """The group's confusion matrix summed over its folds' results, as counts and row-normalised
+    (``confusion_counts.png``, ``confusion_normalised.png``) on its group run."""
+    counts, names = tracking.fold_confusion(client, run_ids)
+    if not names:
+        return
+    with tempfile.TemporaryDirectory(prefix="mtcae_confusion_") as tmp:
+        caption = f"{title}, {len(run_ids)} folds"
+        for annotate, name in (("counts", "confusion_counts.png"), ("rates", "confusion_normalised.png")):
+            path = Path(tmp) / name
+            tracking.save_confusion_png(counts, names, path, title=f"{caption}: {annotate}", annotate=annotate)
+            client.log_artifact(group_run, str(path))

@@ -28,7 +28,7 @@ from orchestrator import tracking
 from orchestrator.sweep.cell import FINAL_MARKER, CellContext, group_key, run_cell
 from orchestrator.sweep.cluster import trial_resources
 from orchestrator.sweep.errors import SweepError, SweepInterrupted
-from orchestrator.sweep.parents import Parents, log_to_run
+from orchestrator.sweep.parents import Parents, log_fold_confusion, log_to_run
 from orchestrator.sweep.progress import SweepProgress
 from orchestrator.sweep.result import SweepResult, cv_rows, fold_means, rows_by_group
 from orchestrator.sweep.searcher import (
@@ -369,13 +369,23 @@ def _finish(run: SweepRun, parents: Parents, result: SweepResult) -> SweepResult
 
 
 def finish_parent_runs(run: SweepRun, parents: Parents, result: SweepResult) -> None:
-    """Log per-group fold means (and std) on the group runs; close the parent runs."""
+    """Log per-group fold means (and std) and the fold-aggregated confusion matrix on the group
+    runs; close the parent runs."""
     uri = run.context.tracking_uri
+    client = tracking.make_client(uri)
+    protocol = run.context.selection or "fixed configuration"
     for (dataset, arch), rows in rows_by_group(result.cv_rows).items():
         metrics = fold_means(rows)
         ok = all(r["status"] == "done" for r in rows)
-        log_to_run(uri, parents.group_runs[group_key(dataset, arch)], metrics=metrics,
-                   status="FINISHED" if ok else "FAILED")
+        group_run = parents.group_runs[group_key(dataset, arch)]
+        if run.context.selection == vocab.SELECTION_NESTED:
+            run_ids = [r["run_id"] for r in rows if r.get("run_id")]
+        else:
+            run_ids = [r.info.run_id for r in tracking.trial_runs(client, parents.experiment_id, run.name,
+                                                                  vocab.STAGE_CV, dataset=dataset, arch=arch)
+                       if tracking.has_result(r)]
+        log_fold_confusion(client, group_run, run_ids, f"{dataset} / {arch} ({protocol})")
+        log_to_run(uri, group_run, metrics=metrics, status="FINISHED" if ok else "FAILED")
     log_to_run(uri, parents.sweep_run, status="FINISHED" if run.state.complete else "FAILED")
 
 
