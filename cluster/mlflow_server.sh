@@ -73,13 +73,17 @@ server_pid() {  # the recorded process group id, if that process is still our ml
     echo "$pid"
 }
 
-write_auth_config() {  # basic-auth settings; the admin password comes from the environment
+# basic-auth settings; the admin password comes from the environment. The credential cache: without
+# it every request (each trial logs every epoch) pays a PBKDF2 hash; its staleness window only
+# matters when passwords change, and the one user here is the generated admin.
+write_auth_config() {
     (umask 077; cat > "$MLFLOW_RUN_DIR/basic_auth.ini" <<EOF
 [mlflow]
 default_permission = READ
 database_uri = $MLFLOW_AUTH_DATABASE_URI
 admin_username = $MLFLOW_AUTH_ADMIN_USERNAME
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = 300
 EOF
     )
     export MLFLOW_AUTH_CONFIG_PATH=$MLFLOW_RUN_DIR/basic_auth.ini

@@ -37,7 +37,12 @@ from ray.autoscaler._private.command_runner import (
     _with_interactive,
 )
 from ray.autoscaler._private.docker import with_docker_exec
-from ray.autoscaler._private.util import prepare_config, validate_config, with_envs
+from ray.autoscaler._private.util import (
+    prepare_config,
+    validate_config,
+    with_envs,
+    with_head_node_ip,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -200,10 +205,16 @@ def head_node(tmp_path: Path) -> SimpleNamespace:
                            pidfile=tmp_path / "run" / "server.pid")
 
 
-def _as_ray_runs_it(command: str, home: Path) -> str:
-    """``command`` wrapped as ``ray up`` runs a head start command on a Docker cluster, host side."""
-    (command,) = with_envs([command], {"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": "i-0head",
-                                       "RAY_NODE_TYPE_NAME": "head"})
+def _as_ray_runs_it(command: str, home: Path, head_ip: str | None = None) -> str:
+    """``command`` wrapped as Ray runs a start command on a Docker cluster, host side.
+
+    Head (``head_ip`` None): as ``ray up`` does; worker: as the autoscaler does (``RAY_HEAD_IP``).
+    """
+    if head_ip is None:
+        (command,) = with_envs([command], {"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": "i-0head",
+                                           "RAY_NODE_TYPE_NAME": "head"})
+    else:
+        (command,) = with_head_node_ip([command], head_ip)
     command = _with_environment_variables(command, {"RAY_USAGE_STATS_ENABLED": 0,
                                                     "RAY_OVERRIDE_RESOURCES": {"CPU": 0}})
     command = DockerCommandRunner._docker_expand_user(SimpleNamespace(home_dir=str(home)), command, any_char=True)
@@ -299,3 +310,17 @@ def test_the_wrapping_reproduces_the_old_self_killing_line(head_node: SimpleName
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 128 + signal.SIGTERM
     assert not (node.root / "reached").exists()
+
+
+def test_worker_start_commands_join_the_head_with_the_token(config: dict[str, Any],
+                                                            head_node: SimpleNamespace) -> None:
+    node = head_node
+    for command in config["worker_start_ray_commands"]:
+        done = subprocess.run(["bash", "-c", _as_ray_runs_it(command, node.home, head_ip="10.0.0.5")],
+                              env=node.env, cwd=node.home, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, f"{command!r} exited {done.returncode}:\n{done.stderr}"
+    stop, start = [c for c in (node.root / "calls.log").read_text().splitlines() if c.startswith("ray ")]
+    assert stop.startswith("ray stop")
+    assert start.startswith("ray start --address=10.0.0.5:6379 ") and "RAY_AUTH_MODE=token" in start
+    assert f"RAY_AUTH_TOKEN_PATH={node.shared}/secrets/ray_auth_token" in start

@@ -182,7 +182,7 @@ def mlflow_server(postgres: SimpleNamespace, tmp_path: Path) -> Iterator[SimpleN
         "MLFLOW_BACKEND_STORE_URI": postgres.database("mtcae_served"),
         "MLFLOW_AUTH_DATABASE_URI": postgres.database("mtcae_served_auth"),
         "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
-        "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
+        "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "2",
         "MLFLOW_RUN_DIR": str(tmp_path / "run"),
     }
     script = ["bash", str(ROOT / "cluster" / "mlflow_server.sh")]
