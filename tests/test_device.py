@@ -43,12 +43,16 @@ def test_no_gpu_assigned_trains_on_cpu() -> None:
     assert resolve_device() == torch.device("cpu")  # outside Ray: nothing was promised
 
 
-def test_likely_cause_tells_cpu_wheel_container_and_driver_apart(tmp_path: Path) -> None:
+@needs_no_cuda
+def test_likely_cause_tells_cpu_wheel_container_and_driver_apart(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     assert "CPU-only build" in likely_cuda_cause(cuda_build=None, dev=tmp_path)
     assert "container started without GPU access" in likely_cuda_cause(cuda_build="13.0", dev=tmp_path)
     (tmp_path / "nvidia0").touch()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     cause = likely_cuda_cause(cuda_build="13.0", dev=tmp_path)
-    assert "driver mismatch" in cause and "CUDA 13.0" in cause
+    assert "driver mismatch" in cause and "CUDA 13.0" in cause and "CUDA_VISIBLE_DEVICES='0'" in cause
+    assert "raised nothing" not in cause, "torch's own reason is quoted"
 
 
 @pytest.mark.slow

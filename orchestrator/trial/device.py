@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import socket
 import sys
@@ -78,9 +79,19 @@ def likely_cuda_cause(cuda_build: str | None = torch.version.cuda, dev: Path = P
                 f"--gpus all / --runtime=nvidia), or no NVIDIA driver loaded on the host")
     driver = Path("/proc/driver/nvidia/version")
     version = driver.read_text().splitlines()[0] if driver.is_file() else "unknown"
-    return (f"the GPU device exists but CUDA does not initialise: a driver mismatch (torch is built for "
-            f"CUDA {cuda_build}; NVIDIA driver: {version}); upgrade the driver or install the torch "
-            f"wheel for the driver's CUDA")
+    return (f"the GPU device exists but CUDA does not initialise ({_cuda_init_error()}): a driver mismatch "
+            f"(torch is built for CUDA {cuda_build}; NVIDIA driver: {version}; upgrade the driver or install "
+            f"the torch wheel for its CUDA), or CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r} hides the GPU")
+
+
+def _cuda_init_error() -> str:
+    """torch's own reason for not initialising CUDA (the driver's words, e.g. "too old")."""
+    try:
+        torch.cuda.init()
+    except Exception as err:  # RuntimeError or AssertionError, depending on the build
+        return str(err).strip().splitlines()[0]
+    return "torch.cuda.init() raised nothing"
 
 
 def describe_device(device: torch.device) -> str:
