@@ -81,6 +81,7 @@ def test_nodes_install_the_readme_torch_pin_and_the_cluster_extra(config: dict[s
     setup = config["setup_commands"]
     assert any(readme_pin in c and "--cache-dir /mnt/efs/" in c for c in setup), "torch unpinned or uncached"
     assert any('-e "/home/ray/mtcae[cluster]"' in c for c in setup)
+    assert any("ln -sf /mnt/efs/mtcae/secrets/mlflow_credentials ~/.mlflow/credentials" in c for c in setup)
     assert config["file_mounts"]["/home/ray/mtcae"] == "."
     assert any("/mnt/efs" in option for option in config["docker"]["run_options"])
 
@@ -324,3 +325,35 @@ def test_worker_start_commands_join_the_head_with_the_token(config: dict[str, An
     assert stop.startswith("ray stop")
     assert start.startswith("ray start --address=10.0.0.5:6379 ") and "RAY_AUTH_MODE=token" in start
     assert f"RAY_AUTH_TOKEN_PATH={node.shared}/secrets/ray_auth_token" in start
+
+
+def test_first_boot_secrets_are_private_stable_and_read_by_mlflow(config: dict[str, Any], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's secrets command, its EFS path pointed at tmp_path, run twice as Ray runs host commands."""
+    (command,) = [c for c in config["initialization_commands"] if "openssl rand" in c]
+    command = command.replace("/mnt/efs", str(tmp_path / "efs"))
+    (tmp_path / "efs" / "mtcae").mkdir(parents=True)
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    secrets = tmp_path / "efs" / "mtcae" / "secrets"
+    contents = []
+    for _ in range(2):  # every `ray up` runs it again: nothing may change
+        done = subprocess.run(["bash", "-c", " ".join(_with_interactive(command))], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        contents.append({p.name: p.read_text() for p in secrets.iterdir()})
+    assert contents[0] == contents[1]
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    for name in ("postgres_password", "mlflow_admin_password", "mlflow_flask_secret_key", "ray_auth_token"):
+        assert re.fullmatch(r"[0-9a-f]{64}\n", contents[0][name]), name
+        assert stat.S_IMODE((secrets / name).stat().st_mode) == 0o600
+    assert len({contents[0][n] for n in contents[0]}) == len(contents[0]), "two secrets are equal"
+
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    (tmp_path / ".mlflow").mkdir()
+    (tmp_path / ".mlflow" / "credentials").symlink_to(secrets / "mlflow_credentials")  # as setup_commands do
+    creds = read_mlflow_creds()
+    assert (creds.username, creds.password) == ("admin", contents[0]["mlflow_admin_password"].strip())
