@@ -6,6 +6,7 @@
   ``mlflow server`` on that PostgreSQL with basic auth and proxied artifacts; a client without
   credentials is refused, the trial logger with them logs over HTTP, ``load_runs`` reads it back,
   the artifacts land in the destination folder, and ``stop`` ends the server's whole process group.
+* Head init: cluster.yaml's wait-then-createdb command (basic auth's database), run twice.
 
 PostgreSQL comes from ``tests/setup_postgres.sh`` (which ``.ci/run`` runs). Without it these tests
 skip with the reason, except under ``CI=true``, where they fail.
@@ -28,7 +29,9 @@ from types import SimpleNamespace
 
 import pytest
 import requests
+import yaml
 from mlflow import MlflowClient
+from ray.autoscaler._private.command_runner import _with_interactive
 
 import vocab
 from orchestrator.report.results import load_runs
@@ -226,3 +229,36 @@ def test_cluster_server_on_postgres_requires_login_and_serves_trials(mlflow_serv
     stopped = server.stop()
     assert stopped.returncode == 0, stopped.stderr
     assert not _group_alive(server.pid), "a process of the server's group outlived `stop`"
+
+
+@pytest.mark.slow
+def test_head_creates_the_login_database_once(postgres: SimpleNamespace, tmp_path: Path) -> None:
+    """cluster.yaml's wait-then-createdb command on the head host, run twice (every `ray up` does).
+
+    A stand-in `docker exec mtcae-postgres CMD` runs CMD here with the PostgreSQL client pointed
+    (PGHOST/PGPORT/PGPASSWORD) at the test server, where the role `mlflow` and its database exist
+    as the postgres:16 container's first boot leaves them.
+    """
+    import psycopg
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    (command,) = [c for c in config["initialization_commands"] if "createdb" in c]
+    with psycopg.connect(f"{postgres.url}/postgres", autocommit=True) as conn:
+        conn.execute("CREATE ROLE mlflow LOGIN CREATEDB PASSWORD 'mlflow-pw'")
+        conn.execute("CREATE DATABASE mlflow OWNER mlflow")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text('#!/bin/bash\n[ "$1" = exec ] || exit 1\nshift\n'
+                                    'while [[ $1 == -* ]]; do shift; done\nshift\nexec "$@"\n')
+    (bin_dir / "docker").chmod(0o755)
+    port = postgres.url.rsplit(":", 1)[1]
+    (tmp_path / ".bashrc").write_text(f"export PATH={bin_dir}:{_postgres_bindir()}:$PATH "
+                                      f"PGHOST=127.0.0.1 PGPORT={port} PGPASSWORD=mlflow-pw\n")
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    for _ in range(2):
+        done = subprocess.run(["bash", "-c", " ".join(_with_interactive(command))], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stdout + done.stderr
+    with psycopg.connect(f"{postgres.url}/postgres") as conn:
+        owners = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'mlflow_auth'")
+        assert [row[0] for row in owners] == ["mlflow"]
