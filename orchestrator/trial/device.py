@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
-from collections.abc import Mapping
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,9 +19,87 @@ import vocab
 logger = logging.getLogger(__name__)
 
 
-def resolve_device() -> torch.device:
-    """The first CUDA device if there is one, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+class DeviceUnavailableError(RuntimeError):
+    """Ray gave this trial a GPU that torch cannot use."""
+
+
+def resolve_device(gpu_ids: Sequence[str | int] | None = None) -> torch.device:
+    """The first CUDA device if there is one, else the CPU -- unless Ray promised a GPU.
+
+    A trial that Ray scheduled on a GPU but that sees no CUDA would otherwise train on the CPU
+    for hours, holding the node's GPU slot; it fails at once instead.
+
+    Args:
+        gpu_ids: The GPUs Ray assigned to this process; default :func:`ray_gpu_ids`.
+
+    Raises:
+        DeviceUnavailableError: GPUs were assigned but ``torch.cuda.is_available()`` is False;
+            the message names the node and the likely cause.
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    assigned = ray_gpu_ids() if gpu_ids is None else [str(i) for i in gpu_ids]
+    if assigned:
+        raise DeviceUnavailableError(
+            f"Ray assigned GPU(s) {', '.join(assigned)} to this trial on node {node_name()}, but "
+            f"torch.cuda.is_available() is False: {likely_cuda_cause()}. Not training on the CPU instead."
+        )
+    return torch.device("cpu")
+
+
+def ray_gpu_ids() -> list[str]:
+    """GPU ids Ray assigned to this process; [] outside a Ray worker (Ray is never imported here)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return []
+    return [str(i) for i in ray.get_gpu_ids()]
+
+
+def node_name() -> str:
+    """This machine's hostname, with its Ray node IP inside a Ray worker."""
+    host = socket.gethostname()
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return host
+    return f"{host} (Ray node {ray.util.get_node_ip_address()})"
+
+
+def likely_cuda_cause(cuda_build: str | None = torch.version.cuda, dev: Path = Path("/dev")) -> str:
+    """Why torch sees no CUDA here, best guess first.
+
+    Args:
+        cuda_build: The CUDA version torch was built for (None: a CPU-only wheel).
+        dev: Where the NVIDIA device nodes would be.
+    """
+    if cuda_build is None:
+        return (f"torch {torch.__version__} is a CPU-only build; install the CUDA wheel "
+                f"(pip install torch=={torch.__version__.split('+')[0]} from the default index)")
+    if not any(dev.glob("nvidia[0-9]*")):
+        return (f"no {dev}/nvidia* device is visible: a container started without GPU access (docker "
+                f"--gpus all / --runtime=nvidia), or no NVIDIA driver loaded on the host")
+    driver = Path("/proc/driver/nvidia/version")
+    version = driver.read_text().splitlines()[0] if driver.is_file() else "unknown"
+    return (f"the GPU device exists but CUDA does not initialise ({_cuda_init_error()}): a driver mismatch "
+            f"(torch is built for CUDA {cuda_build}; NVIDIA driver: {version}; upgrade the driver or install "
+            f"the torch wheel for its CUDA), or CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r} hides the GPU")
+
+
+def _cuda_init_error() -> str:
+    """torch's own reason for not initialising CUDA (the driver's words, e.g. "too old")."""
+    try:
+        torch.cuda.init()
+    except Exception as err:  # RuntimeError or AssertionError, depending on the build
+        return str(err).strip().splitlines()[0]
+    return "torch.cuda.init() raised nothing"
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu`` or ``cuda:<index> (<GPU name>)``: the device a trial trained on, for its MLflow tag."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def cpu_has_native_bf16() -> bool:
