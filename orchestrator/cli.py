@@ -277,6 +277,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", choices=["all", *vocab.STAGES], default="all",
                    help="run only one stage (default: %(default)s)")
     p.add_argument("--no-tables", action="store_true", help="do not write the result tables at the end")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take the sweep's driver lock even if another driver seems to hold it (warned; "
+                   "only when that driver is gone and its lock was not released)")
     p.set_defaults(handler=_run_sweep)
 
 
@@ -287,12 +290,14 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
     name = args.resume if isinstance(args.resume, str) else args.name
     stages = vocab.STAGES if args.stage == "all" else (args.stage,)
+    # run_sweep takes the lock (orchestrator.sweep.lock); the keyword is passed only when set.
+    unlock = {"force_unlock": True} if args.force_unlock else {}
     try:
         result = sweep_and_tables(
             args.space, out=args.out, name=name, resume=bool(args.resume), storage=args.storage,
             cache=args.cache, data_root=args.data_root, tracking_uri=args.tracking_uri,
             experiment=args.experiment, address=args.address, num_cpus=args.num_cpus,
-            gpus_per_trial=args.gpus_per_trial, stages=stages, write_tables=not args.no_tables,
+            gpus_per_trial=args.gpus_per_trial, stages=stages, write_tables=not args.no_tables, **unlock,
         )
     except SweepInterrupted as err:
         print(f"mtcae sweep: {err}", file=sys.stderr)
