@@ -426,7 +426,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from orchestrator.data.cache import CacheSettingsError
+    from orchestrator.data.cache import CacheSettingsError, CacheWriteError
     from orchestrator.data.datasets import DatasetLayoutError, get_dataset
     from orchestrator.data.preprocess import run_preprocess
     from orchestrator.data.settings import PreprocessSettings
@@ -451,9 +451,14 @@ def _run_preprocess(args: argparse.Namespace) -> int:
             use_ray=True if args.ray else None, overwrite=args.overwrite,
             retry_failed=args.retry_failed, clips_per_task=args.clips_per_task, limit=args.limit,
             progress=not args.no_progress)
-    except (CacheSettingsError, DatasetLayoutError, FileNotFoundError, ValueError) as err:
+    except (CacheSettingsError, CacheWriteError, DatasetLayoutError,
+            FileNotFoundError, ValueError) as err:
         print(f"mtcae preprocess: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mtcae preprocess: stopped; every finished clip is kept in {args.out}, run the same "
+              f"command again to continue", file=sys.stderr)
+        return 130
     print(summary.format())
     return 0 if summary.usable > 0 else 1
 

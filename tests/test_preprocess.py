@@ -401,13 +401,15 @@ def test_resume_from_journal_after_a_hard_kill(tmp_path: Path) -> None:
     assert not (tmp_path / "cache" / JOURNAL_FILE).exists()
 
 
-def test_failed_clips_are_kept_unless_retried(tmp_path: Path) -> None:
+def test_failed_clips_are_kept_unless_retried_or_replaced(tmp_path: Path) -> None:
     path = make_zero_byte(tmp_path / "data" / "Actor_01" / "02-01-01-01-01-01-01.mp4")
     run(tmp_path / "data", tmp_path / "cache")
-    write_gradient_video(path)
     assert run(tmp_path / "data", tmp_path / "cache").processed == 0
-    summary = run(tmp_path / "data", tmp_path / "cache", retry_failed=True)
+    assert run(tmp_path / "data", tmp_path / "cache", retry_failed=True).processed == 1
+    write_gradient_video(path)  # the file is replaced: processed again without --retry-failed
+    summary = run(tmp_path / "data", tmp_path / "cache")
     assert summary.processed == 1 and summary.counts == {"partial": 1}
+    assert run(tmp_path / "data", tmp_path / "cache").processed == 0
 
 
 def test_deleted_cache_file_is_redone(tmp_path: Path) -> None:
