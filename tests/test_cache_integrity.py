@@ -224,3 +224,28 @@ def test_token_file_trailer_survives_memory_mapping(tmp_path: Path) -> None:
     assert other.missing(["c"]) == ["c"]  # another clip content: stale
     with pytest.raises(feat.FeatureFileError, match="stale"):
         other.read(["c"])
+
+
+SPACE = f"""\
+datasets: [{DATASET}]
+archs: [{vocab.ARCHITECTURES[0]}]
+n_folds: 2
+fixed: {{encoder: tiny, epochs: 1, batch_size: 4}}
+preprocess: {{size: 64, workers: 0}}
+"""
+
+
+def test_a_sweep_over_an_empty_dataset_folder_or_unwritable_caches_says_so(tmp_path: Path) -> None:
+    from orchestrator.sweep.caches import build_caches
+    from orchestrator.sweep.errors import SweepError
+    from orchestrator.sweep.space_file import load_search_space
+
+    (tmp_path / "space.yaml").write_text(SPACE)
+    space = load_search_space(tmp_path / "space.yaml")
+    (tmp_path / "data" / DATASET).mkdir(parents=True)  # there, but no clip in it
+    with pytest.raises(SweepError, match=f"cannot build the '{DATASET}' cache from --data-root: no {DATASET} clips"):
+        build_caches(space, tmp_path / "cache", tmp_path / "data")
+    videos(tmp_path / "data" / DATASET)
+    (tmp_path / "file").write_text("not a folder\n")
+    with pytest.raises(SweepError, match="cannot create the cache directory .*Not a directory"):
+        build_caches(space, tmp_path / "file", tmp_path / "data")
