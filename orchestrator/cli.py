@@ -302,6 +302,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
     except SweepInterrupted as err:
         print(f"mtcae sweep: {err}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # outside Tune's own handling (pre-flight, building caches, between stages)
+        print("mtcae sweep: stopped; what finished is kept, run the same command again to continue",
+              file=sys.stderr)
+        return 130
     except (SearchSpaceError, SweepError) as err:
         print(f"mtcae sweep: {err}", file=sys.stderr)
         return 2

@@ -220,8 +220,12 @@ class FeatureStore:
         self._verified.discard(clip_id)
         if self.problem(clip_id) not in (None, "missing"):
             os.replace(tmp, self.path(clip_id))  # over a stale or corrupt file: last finisher wins
-            return True
-        return _publish(tmp, self.path(clip_id))
+            published = True
+        else:
+            published = _publish(tmp, self.path(clip_id))
+        if published:
+            self._verified.add(clip_id)  # written and synced by us just now
+        return published
 
     def read(self, clip_ids: Sequence[str]) -> np.ndarray:
         """Tokens of several clips, stacked: (B, N, C) fp16.

@@ -140,3 +140,10 @@ def test_a_holder_on_another_host_counts_until_its_heartbeat_is_stale(tmp_path: 
     os.utime(path, (old, old))
     with sweep_lock(tmp_path) as me:
         assert json.loads(path.read_text())["pid"] == me.pid
+
+
+def test_a_sweep_folder_that_cannot_be_written_is_one_sentence(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a regular file\n")
+    with pytest.raises(SweepError, match=f"cannot take the sweep's driver lock {tmp_path}/file/s/{LOCK_FILE}"):
+        with sweep_lock(tmp_path / "file" / "s"):
+            pass

@@ -108,10 +108,14 @@ def sweep_lock(sweep_dir: str | os.PathLike[str], force_unlock: bool = False) ->
 
     Raises:
         SweepLockedError: Another live driver holds the sweep (host, PID and since when named).
+        SweepError: The lock file cannot be created (read-only or missing storage).
     """
     path = Path(sweep_dir) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, force_unlock)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, force_unlock)
+    except OSError as error:
+        raise SweepError(f"cannot take the sweep's driver lock {path}: {error.strerror or error}") from error
     me = LockHolder.me()
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(fd, stop), daemon=True, name="sweep-lock")
