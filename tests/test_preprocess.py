@@ -337,7 +337,9 @@ def test_a_bad_input_folder_with_one_good_clip_gives_each_its_own_status_and_rea
         "Actor_01/02-01-03-01-01-01-01.mp4": r"empty file \(0 bytes\)$",
         "Actor_01/02-01-04-01-01-01-01.mp4": r"cannot open as a video: not a video file",
         "Actor_02/02-01-05-01-01-01-02.mp4": r"cannot open as a video: not a video file",
-        "Actor_02/02-01-06-01-01-01-02.mp4": r"truncated: \d+ of 40 frames decodable \(fewer than the 16",
+        # decord stops at the damage after a varying number of frames (threaded decoding)
+        "Actor_02/02-01-06-01-01-01-02.mp4": r"truncated: \d+ of 40 frames decodable \(fewer than the 16"
+                                             r"|no frame could be decoded \(corrupt",
         "Actor_03/02-01-07-01-01-01-03.mp4": r"no face detected in any of the 16 sampled frames$",
         "Actor_03/02-01-08-01-01-01-03.mp4": r"file not found",
     }

@@ -235,11 +235,19 @@ def _row(record: ClipRecord, clip_id: str, status: str, reason: str, valid_frame
 # ---------------------------------------------------------------- the cache directory
 
 
-def _is_done(row: dict, out: Path, retry_failed: bool, source: Path) -> bool:
-    """Whether a recorded clip needs no work: its cache file exists and its source file has the
-    size and mtime it had when it was processed (a replaced video is redone)."""
-    if row.get("source_stat") and row["source_stat"] != _stat_or_empty(source):
-        return False
+def _todo(records: Sequence[ClipRecord], rows: dict[str, dict], root: Path, out: Path,
+          retry_failed: bool) -> list[tuple[ClipRecord, str]]:
+    """The clips to process now, with their ids: new ones, changed ones (logged) and unfinished ones."""
+    changed = {r.path for r in records if r.path in rows and rows[r.path].get("source_stat")
+               and rows[r.path]["source_stat"] != _stat_or_empty(root / r.path)}
+    if changed:
+        log.warning("%d clip(s) changed on disk since they were cached (e.g. %s): processing them "
+                    "again", len(changed), min(changed))
+    return [(r, i) for r, i in zip(records, make_clip_ids(records))
+            if r.path not in rows or r.path in changed or not _is_done(rows[r.path], out, retry_failed)]
+
+
+def _is_done(row: dict, out: Path, retry_failed: bool) -> bool:
     if row.get("status") in USABLE_STATUSES:
         return bool(row.get("cache_file")) and (out / row["cache_file"]).is_file()
     return row.get("status") == "failed" and not retry_failed
@@ -288,13 +296,8 @@ def run_preprocess(dataset: str | DatasetAdapter, root: str | os.PathLike[str],
     records = adapter.scan(root)[:limit] if limit else adapter.scan(root)
     prepare_cache(out, settings_document(adapter, settings), overwrite, root=root)
     rows = fold_journals(out)  # no worker of ours runs yet: a killed run's journals are folded in
-    todo = [(r, i) for r, i in zip(records, make_clip_ids(records))
-            if r.path not in rows or not _is_done(rows[r.path], out, retry_failed, Path(root) / r.path)]
+    todo = _todo(records, rows, Path(root), out, retry_failed)
     skipped = len(records) - len(todo)
-    changed = sum(r.path in rows and rows[r.path].get("source_stat") not in ("", None)
-                  and rows[r.path]["source_stat"] != _stat_or_empty(Path(root) / r.path) for r, _ in todo)
-    if changed:
-        log.warning("%d clip(s) changed on disk since they were cached: processing them again", changed)
     log.info("%d clips to process, %d already done in %s", len(todo), skipped, out)
     start = time.perf_counter()
     journal = _Journal(out, rows)
