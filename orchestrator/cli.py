@@ -497,6 +497,10 @@ def _run_demo_data(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"mtcae demo-data: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # read-only, full, or a file where a folder must go
+        print(f"mtcae demo-data: cannot write the demo dataset at {err.filename or args.out}: "
+              f"{err.strerror or err}", file=sys.stderr)
+        return 2
     print(f"wrote {len(paths)} synthetic clips ({args.actors} actors) to {args.out}")
     return 0
 

@@ -195,6 +195,34 @@ def test_an_output_location_that_cannot_be_written_is_one_sentence(tmp_path: Pat
     assert err.strip() == f"mtcae preprocess: cannot create the cache directory {out}: Not a directory"
 
 
+def test_a_journal_that_cannot_be_written_mid_run_is_one_sentence(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    first = videos(tmp_path / "data")[0]
+    preprocess(tmp_path / "data", tmp_path / "cache")
+    write_gradient_video(first, num_frames=50)  # work for the next run
+    (tmp_path / "cache" / "journal").write_text("a file where the journal folder goes\n")
+    args = ["preprocess", "--dataset", DATASET, "--workers", "0", "--no-progress", "--size", "64",
+            "--keep-faceless", "--root", str(tmp_path / "data"), "--out", str(tmp_path / "cache")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mtcae preprocess: cannot append to the preprocessing journal {tmp_path / 'cache'}/journal/")
+    assert len(err.splitlines()) == 1
+
+
+def test_an_empty_root_and_an_unwritable_demo_folder_are_one_sentence(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["preprocess", "--dataset", DATASET, "--root", str(tmp_path / "empty"),
+                 "--out", str(tmp_path / "cache"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mtcae preprocess: no {DATASET} clips found under {tmp_path / 'empty'}")
+    (tmp_path / "file").write_text("a regular file\n")
+    assert main(["demo-data", "--out", str(tmp_path / "file" / "demo"), "--actors", "1",
+                 "--clips-per-class", "1", "--size", "32", "--frames", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mtcae demo-data: cannot write the demo dataset at {tmp_path / 'file' / 'demo'}: Not a directory"
+
+
 def test_a_read_only_cache_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import os
 
