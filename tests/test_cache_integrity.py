@@ -7,6 +7,7 @@ built by a real (tiny) frozen encoder inside a real :class:`Trial`, files damage
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -103,6 +104,18 @@ def test_a_video_replaced_without_overwrite_is_redone_and_re_encoded(tmp_path: P
     assert (summary.processed, summary.skipped) == (1, 2)
     trial(tmp_path / "cache")
     assert encoded_now(caplog) == "1 clips encoded now, 2 reused"
+
+
+def test_a_touched_video_with_the_same_bytes_is_not_redone(tmp_path: Path) -> None:
+    first = videos(tmp_path / "data")[0]
+    preprocess(tmp_path / "data", tmp_path / "cache")
+    os.utime(first, ns=(1, 1))  # stat differs, content does not
+    summary = run_preprocess(DATASET, tmp_path / "data", tmp_path / "cache", SMALL, workers=0, progress=False)
+    assert (summary.processed, summary.skipped) == (0, 3)
+    rows = load_manifest(tmp_path / "cache").set_index("clip")
+    assert rows.at[first.relative_to(tmp_path / "data").as_posix(), "source_stat"].endswith(":1")
+    summary = run_preprocess(DATASET, tmp_path / "data", tmp_path / "cache", SMALL, workers=0, progress=False)
+    assert summary.processed == 0
 
 
 def test_another_root_on_an_existing_cache_is_refused_naming_both(tmp_path: Path,
@@ -224,8 +237,6 @@ def test_an_empty_root_and_an_unwritable_demo_folder_are_one_sentence(tmp_path: 
 
 
 def test_a_read_only_cache_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import os
-
     if os.geteuid() == 0:
         pytest.skip("root writes through a chmod; the regular-file test covers root")
     videos(tmp_path / "data")

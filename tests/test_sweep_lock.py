@@ -147,3 +147,10 @@ def test_a_sweep_folder_that_cannot_be_written_is_one_sentence(tmp_path: Path) -
     with pytest.raises(SweepError, match=f"cannot take the sweep's driver lock {tmp_path}/file/s/{LOCK_FILE}"):
         with sweep_lock(tmp_path / "file" / "s"):
             pass
+
+
+def test_mtcae_sweep_takes_force_unlock() -> None:
+    from orchestrator.cli import build_parser
+
+    assert build_parser().parse_args(["sweep", "smoke", "--force-unlock"]).force_unlock
+    assert not build_parser().parse_args(["sweep", "smoke"]).force_unlock

@@ -237,9 +237,20 @@ def _row(record: ClipRecord, clip_id: str, status: str, reason: str, valid_frame
 
 def _todo(records: Sequence[ClipRecord], rows: dict[str, dict], root: Path, out: Path,
           retry_failed: bool) -> list[tuple[ClipRecord, str]]:
-    """The clips to process now, with their ids: new ones, changed ones (logged) and unfinished ones."""
-    changed = {r.path for r in records if r.path in rows and rows[r.path].get("source_stat")
-               and rows[r.path]["source_stat"] != _stat_or_empty(root / r.path)}
+    """The clips to process now, with their ids: new ones, changed ones (logged) and unfinished ones.
+
+    A source whose size or mtime moved is hashed again: same bytes (touched, copied) keep their
+    row, with the new stat; other bytes are processed again.
+    """
+    moved = {r.path for r in records if r.path in rows and rows[r.path].get("source_stat")
+             and rows[r.path]["source_stat"] != _stat_or_empty(root / r.path)}
+    changed = set()
+    for path in moved:
+        content, stat = source_identity(root / path)
+        if content and content == rows[path].get("content_hash"):
+            rows[path] = {**rows[path], "source_stat": stat}
+        else:
+            changed.add(path)
     if changed:
         log.warning("%d clip(s) changed on disk since they were cached (e.g. %s): processing them "
                     "again", len(changed), min(changed))
