@@ -282,6 +282,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", choices=["all", *vocab.STAGES], default="all",
                    help="run only one stage of the space's protocol (default: %(default)s)")
     p.add_argument("--no-tables", action="store_true", help="do not write the result tables at the end")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take the sweep's driver lock even if another driver seems to hold it (warned; "
+                   "only when that driver is gone and its lock was not released)")
     p.set_defaults(handler=_run_sweep)
 
 
@@ -298,9 +301,14 @@ def _run_sweep(args: argparse.Namespace) -> int:
             cache=args.cache, data_root=args.data_root, tracking_uri=args.tracking_uri,
             experiment=args.experiment, address=args.address, num_cpus=args.num_cpus,
             gpus_per_trial=args.gpus_per_trial, stages=stages, write_tables=not args.no_tables,
+            force_unlock=args.force_unlock,
         )
     except SweepInterrupted as err:
         print(f"mtcae sweep: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # outside Tune's own handling (pre-flight, building caches, between stages)
+        print("mtcae sweep: stopped; what finished is kept, run the same command again to continue",
+              file=sys.stderr)
         return 130
     except (SearchSpaceError, SweepError) as err:
         print(f"mtcae sweep: {err}", file=sys.stderr)
@@ -426,7 +434,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from orchestrator.data.cache import CacheSettingsError
+    from orchestrator.data.cache import CacheSettingsError, CacheWriteError
     from orchestrator.data.datasets import DatasetLayoutError, get_dataset
     from orchestrator.data.preprocess import run_preprocess
     from orchestrator.data.settings import PreprocessSettings
@@ -451,9 +459,14 @@ def _run_preprocess(args: argparse.Namespace) -> int:
             use_ray=True if args.ray else None, overwrite=args.overwrite,
             retry_failed=args.retry_failed, clips_per_task=args.clips_per_task, limit=args.limit,
             progress=not args.no_progress)
-    except (CacheSettingsError, DatasetLayoutError, FileNotFoundError, ValueError) as err:
+    except (CacheSettingsError, CacheWriteError, DatasetLayoutError,
+            FileNotFoundError, ValueError) as err:
         print(f"mtcae preprocess: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mtcae preprocess: stopped; every finished clip is kept in {args.out}, run the same "
+              f"command again to continue", file=sys.stderr)
+        return 130
     print(summary.format())
     return 0 if summary.usable > 0 else 1
 
@@ -487,6 +500,10 @@ def _run_demo_data(args: argparse.Namespace) -> int:
                                       num_frames=args.frames, seed=args.seed)
     except ValueError as err:
         print(f"mtcae demo-data: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # read-only, full, or a file where a folder must go
+        print(f"mtcae demo-data: cannot write the demo dataset at {err.filename or args.out}: "
+              f"{err.strerror or err}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} synthetic clips ({args.actors} actors) to {args.out}")
     return 0

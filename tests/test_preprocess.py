@@ -322,6 +322,38 @@ def test_bad_input_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
     assert "empty file" in summary.format()
 
 
+def test_a_bad_input_folder_with_one_good_clip_gives_each_its_own_status_and_reason(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    good = write_frames(data / "Actor_01" / "02-01-01-01-01-01-01.mp4", face_frames())
+    make_zero_byte(data / "Actor_01" / "02-01-03-01-01-01-01.mp4")
+    make_text_file(data / "Actor_01" / "02-01-04-01-01-01-01.mp4")
+    make_truncated(data / "Actor_02" / "02-01-05-01-01-01-02.mp4")
+    make_corrupt(data / "Actor_02" / "02-01-06-01-01-01-02.mp4")
+    write_gradient_video(data / "Actor_03" / "02-01-07-01-01-01-03.mp4")  # decodes, no face
+    make_broken_link(data / "Actor_03" / "02-01-08-01-01-01-03.mp4")
+    summary = run(data, tmp_path / "cache", PreprocessSettings(size=112))
+    rows = manifest_rows(tmp_path / "cache")
+    expected = {
+        "Actor_01/02-01-03-01-01-01-01.mp4": r"empty file \(0 bytes\)$",
+        "Actor_01/02-01-04-01-01-01-01.mp4": r"cannot open as a video: not a video file",
+        "Actor_02/02-01-05-01-01-01-02.mp4": r"cannot open as a video: not a video file",
+        # decord stops at the damage after a varying number of frames (threaded decoding)
+        "Actor_02/02-01-06-01-01-01-02.mp4": r"truncated: \d+ of 40 frames decodable \(fewer than the 16"
+                                             r"|no frame could be decoded \(corrupt",
+        "Actor_03/02-01-07-01-01-01-03.mp4": r"no face detected in any of the 16 sampled frames$",
+        "Actor_03/02-01-08-01-01-01-03.mp4": r"file not found",
+    }
+    good_row = rows.pop(good.relative_to(data).as_posix())
+    assert (good_row["status"], good_row["reason"], good_row["valid_frames"]) == ("ok", "", 16)
+    assert set(rows) == set(expected)
+    for clip, reason in expected.items():
+        assert rows[clip]["status"] == "failed" and rows[clip]["cache_file"] == "", clip
+        assert re.match(reason, rows[clip]["reason"]), (clip, rows[clip]["reason"])
+    assert summary.counts == {"ok": 1, "failed": 6}
+    assert load_manifest(tmp_path / "cache")["clip_id"].tolist() == [good_row["clip_id"]]
+    assert ClipDataset(tmp_path / "cache")[0]["valid"].all()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read files without permission")
 def test_unreadable_file_is_recorded(tmp_path: Path) -> None:
     (path,) = gradient_root(tmp_path / "data", 1)
@@ -401,13 +433,15 @@ def test_resume_from_journal_after_a_hard_kill(tmp_path: Path) -> None:
     assert not (tmp_path / "cache" / JOURNAL_FILE).exists()
 
 
-def test_failed_clips_are_kept_unless_retried(tmp_path: Path) -> None:
+def test_failed_clips_are_kept_unless_retried_or_replaced(tmp_path: Path) -> None:
     path = make_zero_byte(tmp_path / "data" / "Actor_01" / "02-01-01-01-01-01-01.mp4")
     run(tmp_path / "data", tmp_path / "cache")
-    write_gradient_video(path)
     assert run(tmp_path / "data", tmp_path / "cache").processed == 0
-    summary = run(tmp_path / "data", tmp_path / "cache", retry_failed=True)
+    assert run(tmp_path / "data", tmp_path / "cache", retry_failed=True).processed == 1
+    write_gradient_video(path)  # the file is replaced: processed again without --retry-failed
+    summary = run(tmp_path / "data", tmp_path / "cache")
     assert summary.processed == 1 and summary.counts == {"partial": 1}
+    assert run(tmp_path / "data", tmp_path / "cache").processed == 0
 
 
 def test_deleted_cache_file_is_redone(tmp_path: Path) -> None:

@@ -8,13 +8,17 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 import zipfile
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,16 +104,35 @@ class ClipDataset(Dataset):
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    return read_npz(path, NPZ_KEYS)
+
+
+class CacheFileError(ValueError):
+    """A clip's cache file is missing, truncated, CRC-broken or lacks arrays; names the file."""
+
+
+def read_npz(path: str | os.PathLike[str], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of a clip's ``.npz`` (each member's zip CRC is checked as it is read).
+
+    Raises:
+        CacheFileError: The file is missing or unreadable, naming it and how to redo the clip.
+    """
+    path = Path(path)
     try:
         with np.load(path) as npz:
-            arrays = {key: npz[key] for key in NPZ_KEYS}
+            return {key: npz[key] for key in keys}
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"cache file {path} is missing; re-run `mtcae preprocess`") \
+        raise CacheFileError(f"cache file {path} is missing; {_redo(path)}") from error
+    except KeyError as error:
+        raise CacheFileError(f"cache file {path} lacks the array {error}; {_redo(path)}") from error
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise CacheFileError(f"cache file {path} is truncated or corrupt ({error}); {_redo(path)}") \
             from error
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
-        raise ValueError(f"cache file {path} is unreadable or lacks keys {NPZ_KEYS}: {error}") \
-            from error
-    return arrays
+
+
+def _redo(path: Path) -> str:
+    cache = path.parent.parent
+    return f"delete it and re-run `mtcae preprocess --out {cache}` (with the same settings) to redo that clip"
 
 
 SETTINGS_FILE = "settings.json"
@@ -118,17 +141,26 @@ SETTINGS_FILE = "settings.json"
 MANIFEST_FILE = "manifest.csv"
 
 
-JOURNAL_FILE = "manifest.journal.jsonl"
+JOURNAL_FILE = "manifest.journal.jsonl"  # the parent's journal before per-process journals
+
+
+JOURNAL_DIR = "journal"  # <host>-<pid>.jsonl per writer: appends from several nodes never interleave
 
 
 CLIPS_DIR = "clips"
 
 
 MANIFEST_COLUMNS = ("clip", "clip_id", "status", "reason", "label", "label_name", "subject",
-                    "valid_frames", "padded", "cache_file")
+                    "valid_frames", "padded", "cache_file", "content_hash", "source_stat")
+
+# Columns a cache written before they existed lacks; read as "" (unknown).
+_LATER_COLUMNS = ("content_hash", "source_stat")
 
 
 USABLE_STATUSES = ("ok", "partial")
+
+
+ROOT_KEY = "root"  # in settings.json, not in the settings hash
 
 
 FORMAT_VERSION = 1  # bump when the npz content changes for the same settings
@@ -136,6 +168,23 @@ FORMAT_VERSION = 1  # bump when the npz content changes for the same settings
 
 class CacheSettingsError(ValueError):
     """``--out`` holds a cache built with different settings (or an unrecognised cache)."""
+
+
+class CacheWriteError(OSError):
+    """The cache cannot be written (read-only, full, or not a directory): names the path and the
+    operation."""
+
+
+@contextlib.contextmanager
+def writing(operation: str, path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` of the block into a :class:`CacheWriteError` naming ``operation`` and
+    ``path`` (``CacheWriteError`` passes through)."""
+    try:
+        yield
+    except CacheWriteError:
+        raise
+    except OSError as error:
+        raise CacheWriteError(f"cannot {operation} {path}: {error.strerror or error}") from error
 
 
 def write_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -183,35 +232,57 @@ def load_settings(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def prepare_cache(out: Path, document: dict[str, Any], overwrite: bool = False) -> None:
+def prepare_cache(out: Path, document: dict[str, Any], overwrite: bool = False,
+                  root: str | os.PathLike[str] | None = None) -> None:
     """Create ``out`` for this settings document, or check that the existing cache matches.
 
+    Args:
+        out: The cache directory.
+        document: :func:`settings_document` of the run.
+        overwrite: Delete the cache's settings, manifest, journal and clips first.
+        root: The dataset root the clips come from; recorded in ``settings.json`` (outside the
+            settings hash: moving a dataset keeps its feature caches) and checked like a setting.
+
     Raises:
-        CacheSettingsError: The existing cache has other settings (and not ``overwrite``).
+        CacheSettingsError: The existing cache has other settings or another root (and not
+            ``overwrite``).
     """
-    out.mkdir(parents=True, exist_ok=True)
+    with writing("create the cache directory", out):
+        out.mkdir(parents=True, exist_ok=True)
     settings_path = out / SETTINGS_FILE
-    ours = [out / SETTINGS_FILE, out / MANIFEST_FILE, out / JOURNAL_FILE, out / CLIPS_DIR]
+    ours = [out / SETTINGS_FILE, out / MANIFEST_FILE, out / JOURNAL_FILE, out / JOURNAL_DIR,
+            out / CLIPS_DIR]
+    root = str(Path(root).expanduser().resolve()) if root is not None else None
     if overwrite:
         for path in ours:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+            with writing("delete (--overwrite)", path):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
     elif settings_path.is_file():
         old = json.loads(settings_path.read_text())
         if old.get("settings_hash") != document["settings_hash"]:
             raise CacheSettingsError(_mismatch_message(out, old, document))
+        if root is not None and old.get(ROOT_KEY, root) != root:
+            raise CacheSettingsError(
+                f"cache {out} was built from --root {old[ROOT_KEY]}, not {root}; refusing to mix "
+                f"clips of two roots. Use a new --out for {root}, or --overwrite to rebuild {out} "
+                f"from it.")
     elif any(p.exists() for p in ours[1:]):
         raise CacheSettingsError(f"{out} holds a manifest or clips/ but no {SETTINGS_FILE}; "
                                  f"use another --out, or --overwrite to rebuild it")
-    if not settings_path.is_file():
-        _write_text_atomic(settings_path, json.dumps(document, indent=2, sort_keys=True) + "\n")
-    (out / CLIPS_DIR).mkdir(exist_ok=True)
+    recorded = json.loads(settings_path.read_text()) if settings_path.is_file() else None
+    if recorded is None or (root is not None and ROOT_KEY not in recorded):
+        doc = {**(recorded or document), **({ROOT_KEY: root} if root is not None else {})}
+        with writing("write the cache settings", settings_path):
+            _write_text_atomic(settings_path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    with writing("create the clips directory", out / CLIPS_DIR):
+        (out / CLIPS_DIR).mkdir(exist_ok=True)
 
 
 def _mismatch_message(out: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = sorted((set(old) | set(new)) - {"settings_hash"})
+    keys = sorted((set(old) | set(new)) - {"settings_hash", ROOT_KEY})
     diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
     return (f"cache {out} was built with different preprocessing settings "
             f"({'; '.join(diffs) or 'format changed'}); refusing to mix outputs. Use a new --out, "
@@ -219,37 +290,78 @@ def _mismatch_message(out: Path, old: dict[str, Any], new: dict[str, Any]) -> st
 
 
 def read_rows(out: Path) -> dict[str, dict]:
-    """Manifest rows by clip path: ``manifest.csv`` plus any journal left by an interrupted run."""
+    """Manifest rows by clip path: ``manifest.csv``, then the journals a running or killed run
+    left, oldest row first (a torn last line, as a kill leaves it, is skipped)."""
     rows: dict[str, dict] = {}
     manifest = out / MANIFEST_FILE
     if manifest.is_file():
         for row in read_manifest_csv(manifest).to_dict("records"):
             rows[row["clip"]] = row
-    journal = out / JOURNAL_FILE
-    if journal.is_file():
-        for line in journal.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a torn last line
-                row = json.loads(line)
-                rows[row["clip"]] = row
+    journaled = []
+    for path in _journal_files(out):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                journaled.append(json.loads(line))
+    for row in sorted(journaled, key=lambda r: r.get("t", 0.0)):
+        rows[row["clip"]] = row
+    return rows
+
+
+def _journal_files(out: Path) -> list[Path]:
+    legacy = [out / JOURNAL_FILE] if (out / JOURNAL_FILE).is_file() else []
+    return legacy + sorted((out / JOURNAL_DIR).glob("*.jsonl"))
+
+
+def append_journal(out: Path, rows: Iterable[dict]) -> None:
+    """Append finished rows (stamped with the time) to this process's journal, one ``write``.
+
+    Raises:
+        CacheWriteError: The journal cannot be written.
+    """
+    path = out / JOURNAL_DIR / f"{socket.gethostname()}-{os.getpid()}.jsonl"
+    text = "".join(json.dumps({**row, "t": time.time()}, default=str) + "\n" for row in rows)
+    with writing("append to the preprocessing journal", path):
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "a") as f:
+            f.write(text)
+
+
+def fold_journals(out: Path) -> dict[str, dict]:
+    """:func:`read_rows`, with any journal folded into ``manifest.csv`` and removed (only while no
+    worker writes to the cache: at the start of a run)."""
+    rows = read_rows(out)
+    if _journal_files(out):
+        write_manifest(out, rows.values())
     return rows
 
 
 def read_manifest_csv(path: Path) -> pd.DataFrame:
     """``manifest.csv`` with the documented dtypes."""
-    frame = pd.read_csv(path, dtype={"clip": str, "clip_id": str, "status": str, "reason": str,
-                                     "label_name": str, "subject": str, "cache_file": str},
-                        keep_default_na=False)
+    text = {c: str for c in ("clip", "clip_id", "status", "reason", "label_name", "subject",
+                             "cache_file", *_LATER_COLUMNS)}
+    frame = pd.read_csv(path, dtype=text, keep_default_na=False)
+    for column in _LATER_COLUMNS:
+        if column not in frame:
+            frame[column] = ""
     frame["label"] = frame["label"].astype(np.int64)
     frame["valid_frames"] = frame["valid_frames"].astype(np.int64)
     frame["padded"] = frame["padded"].map(lambda v: str(v).lower() == "true").astype(bool)
     return frame
 
 
-def write_manifest(out: Path, rows: Iterable[dict]) -> None:
-    """Rewrite ``manifest.csv`` atomically (sorted by clip) and drop the journal."""
+def write_manifest(out: Path, rows: Iterable[dict], drop_journals: bool = True) -> None:
+    """Rewrite ``manifest.csv`` atomically (sorted by clip); then remove the journals, unless
+    workers may still append to them (``drop_journals=False``, during a run).
+
+    Raises:
+        CacheWriteError: The manifest cannot be written.
+    """
     frame = pd.DataFrame(list(rows), columns=list(MANIFEST_COLUMNS)).sort_values("clip")
-    _write_text_atomic(out / MANIFEST_FILE, frame.to_csv(index=False))
-    (out / JOURNAL_FILE).unlink(missing_ok=True)
+    with writing("write the manifest", out / MANIFEST_FILE):
+        _write_text_atomic(out / MANIFEST_FILE, frame.to_csv(index=False))
+        if drop_journals:
+            (out / JOURNAL_FILE).unlink(missing_ok=True)
+            shutil.rmtree(out / JOURNAL_DIR, ignore_errors=True)
 
 
 def make_clip_ids(records: Sequence[ClipRecord]) -> list[str]:
@@ -271,3 +383,26 @@ def make_clip_ids(records: Sequence[ClipRecord]) -> list[str]:
     shared = {s for s in safe if safe.count(s) > 1}
     return [s if s == stem and s not in shared else f"{s}-{stable_hash(path, 8)}"
             for path, stem, s in zip(paths, stems, safe)]
+
+
+def source_identity(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """``(content_hash, source_stat)`` of a source video: the SHA-256 of its bytes (16 hex digits,
+    read in 1 MiB blocks) and ``"<size>:<mtime_ns>"``; ``("", "")`` when it cannot be read.
+
+    The content hash keys the clip's cache entry and its encoder features (a re-encoded video gets
+    new features); the stat is the cheap check a resumed run uses to notice a changed file.
+    """
+    digest = hashlib.sha256()
+    try:
+        stat = os.stat(path)
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return "", ""
+    return digest.hexdigest()[:16], source_stat(stat)
+
+
+def source_stat(stat: os.stat_result) -> str:
+    """``"<size>:<mtime_ns>"`` of a file's stat."""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"

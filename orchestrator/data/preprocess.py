@@ -16,9 +16,12 @@ This module holds the run loop (in-process, a spawn process pool, or Ray tasks) 
 :mod:`orchestrator.data.settings`.
 
 Robustness: every clip's failure (missing, empty, unreadable, non-video, truncated, corrupt) is
-caught and recorded with a reason; the run goes on. Rows are appended to a journal file as clips
-complete and the manifest is rewritten atomically every few seconds, so an interrupted run loses
-nothing and a re-run skips finished clips. The settings (including the dataset's label protocol)
+caught and recorded with a reason; the run goes on. Each worker appends a clip's row to its own
+journal (``<out>/journal/<host>-<pid>.jsonl``) the moment the clip is finished and the manifest is
+rewritten atomically every few seconds, so a killed run loses no finished clip and a re-run skips
+them; a source file whose size or mtime changed since is processed again. Workers die with their
+parent (``PR_SET_PDEATHSIG``; stopped on Ctrl-C and SIGTERM), so a killed run leaves no process
+writing into the cache. The settings (including the dataset's label protocol)
 are hashed into ``settings.json``; a cache built with other settings is refused (use another
 ``--out`` or ``--overwrite``), never mixed.
 
@@ -28,11 +31,13 @@ Heavy dependencies (decord, facenet-pytorch) are imported inside the functions t
 from __future__ import annotations
 
 import contextlib
-import json
+import ctypes
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -46,13 +51,15 @@ import numpy as np
 
 from orchestrator.data.cache import (
     CLIPS_DIR,
-    JOURNAL_FILE,
     MANIFEST_FILE,
     USABLE_STATUSES,
+    append_journal,
+    fold_journals,
     make_clip_ids,
     prepare_cache,
-    read_rows,
     settings_document,
+    source_identity,
+    source_stat,
     write_manifest,
     write_npz,
 )
@@ -135,27 +142,42 @@ class PreprocessSummary:
 
 
 def process_clips(records: Sequence[ClipRecord], clip_ids: Sequence[str], root: str,
-                  out: str, settings: PreprocessSettings, device: str = "auto") -> list[dict]:
+                  out: str, settings: PreprocessSettings, device: str = "auto",
+                  journal: bool = False) -> list[dict]:
     """Decode, detect and write a batch of clips; returns one manifest row per clip.
 
     Runs in a worker process (or Ray task). Frames of all clips that decode are sent to MTCNN in
-    one batched call. Never raises for a bad clip: the row records the reason.
+    one batched call. Never raises for a bad clip: the row records the reason. Every row carries
+    the source file's ``content_hash`` and ``source_stat`` (:func:`source_identity`).
+
+    Args:
+        journal: Append each row to this process's journal in ``out`` the moment its clip is
+            finished, so a run killed before the batch returns still knows the clip is done.
     """
     rows, decoded = [], []
+    identity = {clip_id: source_identity(Path(root) / r.path) for r, clip_id in zip(records, clip_ids)}
+
+    def finished(row: dict) -> None:
+        row["content_hash"], row["source_stat"] = identity[row["clip_id"]]
+        rows.append(row)
+        if journal:
+            with contextlib.suppress(OSError):  # the parent journals the returned rows too
+                append_journal(Path(out), [row])
+
     for record, clip_id in zip(records, clip_ids):
         try:
             decoded.append((record, clip_id, read_clip(Path(root) / record.path, settings)))
         except ClipError as error:
-            rows.append(_row(record, clip_id, "failed", str(error)))
+            finished(_row(record, clip_id, "failed", str(error)))
         except Exception as error:  # anything else is still one clip's problem
-            rows.append(_row(record, clip_id, "failed", f"unexpected error while decoding: "
-                                                        f"{short_error(error)}"))
+            finished(_row(record, clip_id, "failed", f"unexpected error while decoding: "
+                                                     f"{short_error(error)}"))
     for (record, clip_id, clip), detections in zip(decoded, _detect_all(decoded, settings, device)):
         try:
-            rows.append(_finish_clip(record, clip_id, clip, detections, Path(out), settings))
+            finished(_finish_clip(record, clip_id, clip, detections, Path(out), settings))
         except Exception as error:  # e.g. a full cache disk: recorded (--retry-failed redoes it)
-            rows.append(_row(record, clip_id, "failed", f"could not label or write the clip: "
-                                                        f"{short_error(error)}"))
+            finished(_row(record, clip_id, "failed", f"could not label or write the clip: "
+                                                     f"{short_error(error)}"))
     return rows
 
 
@@ -206,16 +228,47 @@ def _row(record: ClipRecord, clip_id: str, status: str, reason: str, valid_frame
          padded: bool = False, cache_file: str = "") -> dict:
     return {"clip": record.path, "clip_id": clip_id, "status": status, "reason": reason,
             "label": record.label, "label_name": record.label_name, "subject": record.subject,
-            "valid_frames": valid_frames, "padded": padded, "cache_file": cache_file}
+            "valid_frames": valid_frames, "padded": padded, "cache_file": cache_file,
+            "content_hash": "", "source_stat": ""}
 
 
 # ---------------------------------------------------------------- the cache directory
+
+
+def _todo(records: Sequence[ClipRecord], rows: dict[str, dict], root: Path, out: Path,
+          retry_failed: bool) -> list[tuple[ClipRecord, str]]:
+    """The clips to process now, with their ids: new ones, changed ones (logged) and unfinished ones.
+
+    A source whose size or mtime moved is hashed again: same bytes (touched, copied) keep their
+    row, with the new stat; other bytes are processed again.
+    """
+    moved = {r.path for r in records if r.path in rows and rows[r.path].get("source_stat")
+             and rows[r.path]["source_stat"] != _stat_or_empty(root / r.path)}
+    changed = set()
+    for path in moved:
+        content, stat = source_identity(root / path)
+        if content and content == rows[path].get("content_hash"):
+            rows[path] = {**rows[path], "source_stat": stat}
+        else:
+            changed.add(path)
+    if changed:
+        log.warning("%d clip(s) changed on disk since they were cached (e.g. %s): processing them "
+                    "again", len(changed), min(changed))
+    return [(r, i) for r, i in zip(records, make_clip_ids(records))
+            if r.path not in rows or r.path in changed or not _is_done(rows[r.path], out, retry_failed)]
 
 
 def _is_done(row: dict, out: Path, retry_failed: bool) -> bool:
     if row.get("status") in USABLE_STATUSES:
         return bool(row.get("cache_file")) and (out / row["cache_file"]).is_file()
     return row.get("status") == "failed" and not retry_failed
+
+
+def _stat_or_empty(path: Path) -> str:
+    try:
+        return source_stat(os.stat(path))
+    except OSError:
+        return ""
 
 
 # ---------------------------------------------------------------- the run
@@ -243,33 +296,55 @@ def run_preprocess(dataset: str | DatasetAdapter, root: str | os.PathLike[str],
         progress: Show a tqdm bar.
 
     Raises:
-        CacheSettingsError: ``out`` holds a cache built with other settings.
+        CacheSettingsError: ``out`` holds a cache built with other settings or from another root.
+        CacheWriteError: ``out`` cannot be written (the path and the operation named).
         FileNotFoundError, DatasetLayoutError: The root has no clips of this dataset.
+        KeyboardInterrupt: Ctrl-C or SIGTERM; the workers are stopped, finished clips are kept.
     """
     adapter = get_dataset(dataset) if isinstance(dataset, str) else dataset
     settings = settings or PreprocessSettings()
     out = Path(out)
     records = adapter.scan(root)[:limit] if limit else adapter.scan(root)
-    prepare_cache(out, settings_document(adapter, settings), overwrite)
-    rows = read_rows(out)
-    todo = [(r, i) for r, i in zip(records, make_clip_ids(records))
-            if r.path not in rows or not _is_done(rows[r.path], out, retry_failed)]
+    prepare_cache(out, settings_document(adapter, settings), overwrite, root=root)
+    rows = fold_journals(out)  # no worker of ours runs yet: a killed run's journals are folded in
+    todo = _todo(records, rows, Path(root), out, retry_failed)
     skipped = len(records) - len(todo)
     log.info("%d clips to process, %d already done in %s", len(todo), skipped, out)
     start = time.perf_counter()
     journal = _Journal(out, rows)
+    complete = False
     try:
-        ray = _want_ray(use_ray)
-        workers = min(4, os.cpu_count() or 1) if workers is None and not ray else workers
-        per_task = balanced_task_size(len(todo), clips_per_task, workers or 1)
-        runner = _run_ray if ray else _run_local
-        runner([list(c) for c in _chunks(todo, per_task)], str(Path(root)), out, settings,
-               device, workers, journal, progress)
+        with _sigterm_as_interrupt():
+            ray = _want_ray(use_ray)
+            workers = min(4, os.cpu_count() or 1) if workers is None and not ray else workers
+            per_task = balanced_task_size(len(todo), clips_per_task, workers or 1)
+            runner = _run_ray if ray else _run_local
+            runner([list(c) for c in _chunks(todo, per_task)], str(Path(root)), out, settings,
+                   device, workers, journal, progress)
+        complete = True
     finally:
-        journal.flush()
+        journal.flush(drop_journals=complete)  # after a stop, stray writers may still append
     summary = _summary(out, rows, len(todo), skipped, time.perf_counter() - start)
     summary.selected, summary.usable_per_class = _class_counts(adapter, records, rows)
     return summary
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop, ``kill``) unwinds like Ctrl-C: workers are stopped and the
+    manifest is written, instead of the process vanishing and leaving its pool behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _summary(out: Path, rows: dict[str, dict], processed: int, skipped: int,
@@ -305,15 +380,14 @@ class _Journal:
         self.out, self.rows, self.last_flush = out, rows, time.monotonic()
 
     def add(self, new_rows: list[dict]) -> None:
-        with open(self.out / JOURNAL_FILE, "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in new_rows)
+        append_journal(self.out, new_rows)  # workers journaled theirs already: a safety net
         for row in new_rows:
             self.rows[row["clip"]] = row
         if time.monotonic() - self.last_flush > _MANIFEST_FLUSH_S:
-            self.flush()
+            self.flush(drop_journals=False)
 
-    def flush(self) -> None:
-        write_manifest(self.out, self.rows.values())
+    def flush(self, drop_journals: bool) -> None:
+        write_manifest(self.out, self.rows.values(), drop_journals)
         self.last_flush = time.monotonic()
 
 
@@ -323,7 +397,7 @@ Task = list[tuple[ClipRecord, str]]
 def _call(task: Task, root: str, out: Path, settings: PreprocessSettings,
           device: str) -> list[dict]:
     return process_clips([r for r, _ in task], [i for _, i in task], root, str(out), settings,
-                         device)
+                         device, journal=True)
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -373,18 +447,43 @@ def _torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
     import torch
 
+    _die_with_parent(parent)
     torch.set_num_threads(threads)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this worker when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a
+    SIGKILLed run leaves no worker writing into the cache; exit now if the parent is gone already."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """A spawn-context process pool whose workers split the CPU threads evenly (also used by the
-    benchmark to time warm workers)."""
+    """A spawn-context process pool whose workers split the CPU threads evenly and die with this
+    process (also used by the benchmark to time warm workers)."""
     threads = max(1, (os.cpu_count() or 1) // workers)
-    return ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(threads,),
+    return ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                               initargs=(threads, os.getpid()),
                                mp_context=multiprocessing.get_context("spawn"))
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and terminate the workers now (``shutdown`` alone would let
+    each finish its batch). ``_processes`` is private; Python 3.14 adds ``terminate_workers``."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.terminate()
 
 
 def _run_pool(tasks: list[Task], root: str, out: Path, settings: PreprocessSettings, device: str,
@@ -404,7 +503,7 @@ def _run_pool(tasks: list[Task], root: str, out: Path, settings: PreprocessSetti
                     except BrokenProcessPool:
                         crashed.append(futures[future])
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            _stop_workers(pool)
             raise
     return crashed
 
@@ -426,9 +525,12 @@ def _run_isolated(tasks: list[Task], root: str, out: Path, settings: PreprocessS
                 pool = None
                 done([_row(record, clip_id, "failed",
                            "the decoder crashed the worker process (corrupt video?)")])
-    finally:
+    except BaseException:
         if pool is not None:
-            pool.shutdown()
+            _stop_workers(pool)
+        raise
+    if pool is not None:
+        pool.shutdown()
 
 
 def _want_ray(use_ray: bool | None) -> bool:
@@ -464,5 +566,10 @@ def _run_ray(tasks: list[Task], root: str, out: Path, settings: PreprocessSettin
                 except ray.exceptions.RayError as error:
                     done([_row(r, i, "failed", f"ray task failed: {short_error(error)}")
                           for r, i in task])
+    except BaseException:
+        for ref in running:  # stopped: no task keeps writing into the cache
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
     finally:
         bar.close()

@@ -21,9 +21,11 @@ from orchestrator.data.cache import (
     MANIFEST_FILE,
     SETTINGS_FILE,
     CacheSettingsError,
+    CacheWriteError,
     load_manifest,
     load_settings,
 )
+from orchestrator.data.datasets import DatasetLayoutError
 from orchestrator.data.folds import load_split_file, make_folds, read_folds, write_folds
 from orchestrator.data.settings import PreprocessSettings
 from orchestrator.sweep.errors import SweepError
@@ -223,6 +225,8 @@ def build_caches(space: SweepSpace, cache_root: Path, data_root: Path) -> None:
                                                 workers=space.preprocess.get("workers"))
         except CacheSettingsError as err:
             raise SweepError(f"{err} (use another --cache, or delete {target} to rebuild it)") from err
+        except (DatasetLayoutError, FileNotFoundError, CacheWriteError) as err:
+            raise SweepError(f"cannot build the {dataset!r} cache from --data-root: {err}") from err
         logger.info("%s", summary.format())
         if summary.usable == 0:
             raise SweepError(f"no usable clip of dataset {dataset!r} in {target}; see its manifest.csv")

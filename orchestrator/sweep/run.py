@@ -52,6 +52,7 @@ from typing import Any
 from orchestrator.sweep.caches import build_caches, check_folds, preflight, sweep_folds
 from orchestrator.sweep.cluster import init_ray, is_local
 from orchestrator.sweep.errors import SweepError, SweepInterrupted
+from orchestrator.sweep.lock import sweep_lock
 from orchestrator.sweep.parents import (
     close_parent_runs,
     close_trial_runs,
@@ -97,6 +98,7 @@ def run_sweep(
     reuse_actors: bool = False,
     check_caches: bool = True,
     progress_interval_s: float = 30.0,
+    force_unlock: bool = False,
 ) -> SweepResult:
     """Run (or continue) a sweep: the stages its protocol needs (:func:`~orchestrator.sweep.stages.sweep_stages`).
 
@@ -125,6 +127,8 @@ def run_sweep(
         reuse_actors: Reuse trial actors (cheaper on CPU; keep False for GPU trials).
         check_caches: Run the pre-flight checks (caches, encoders, folds) before scheduling.
         progress_interval_s: Seconds between progress views while nothing finishes.
+        force_unlock: Take the sweep's driver lock even though another driver holds it (a warning
+            says both may now be running; :mod:`orchestrator.sweep.lock`).
 
     Returns:
         The :class:`SweepResult`; ``complete`` is False when trials failed for good.
@@ -132,50 +136,52 @@ def run_sweep(
     Raises:
         SweepError: Bad arguments, a missing cache, a changed search space under an existing name,
             or a search group in which no configuration completed.
+        orchestrator.sweep.lock.SweepLockedError: Another driver runs this sweep (named in the message).
         orchestrator.sweep.space.SearchSpaceError: A malformed search space.
     """
     out = Path(out).expanduser().resolve()
     space, name = _resolve_space(space, name, out, resume)
     sweep_dir = out / "sweeps" / name
-    state = _open_state(sweep_dir, space, name, resume)
-    settings = _settings(state, out, storage, cache, tracking_uri, experiment, name)
-    state.settings = settings
-    data_root = _path_or_none(data_root)
-    if check_caches:
-        preflight(space, Path(settings["cache"]), data_root)
-    parents = create_parent_runs(settings["tracking_uri"], settings["experiment"], name, space)
-    start_parent_runs(settings["tracking_uri"], parents, space, state)
-    state.save()
-    logger.info("sweep %s: Tune storage %s, MLflow %s (experiment %r)", name,
-                join_storage(settings["storage"], name), settings["tracking_uri"], settings["experiment"])
-    # Checkpointing every short epoch with num_to_keep=1 forces frequent experiment snapshots; Tune
-    # warns about each, harmlessly (it only matters for huge experiments).
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    mode = init_ray(address, num_cpus)
-    try:
-        if data_root is not None:
-            build_caches(space, Path(settings["cache"]), data_root)
-            if check_caches:
-                check_folds(space, Path(settings["cache"]))
-        folds_files = sweep_folds(space, Path(settings["cache"]), sweep_dir) if check_caches else {}
-        log_folds(settings["tracking_uri"], parents, folds_files, space)
-        run = make_run(space, name, settings, sweep_dir, state, parents, trainable, gpus_per_trial,
-                        local=is_local(mode), reuse_actors=reuse_actors,
-                        progress_interval_s=progress_interval_s, folds_files=folds_files)
-        result = run_stages(run, parents, stages or sweep_stages(space))
-    except BaseException as err:  # no run stays RUNNING after a stop or a failure
-        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SweepInterrupted)) else "FAILED"
-        close_trial_runs(settings["tracking_uri"], parents.experiment_id, name, status)
-        close_parent_runs(settings["tracking_uri"], parents, status)
-        raise
-    else:  # Tune has returned: a trial run still RUNNING lost its worker after its last retry
-        close_trial_runs(settings["tracking_uri"], parents.experiment_id, name, "FAILED")
-    finally:
-        if mode != "existing":
-            import ray
+    with sweep_lock(sweep_dir, force_unlock=force_unlock):  # one driver per sweep
+        state = _open_state(sweep_dir, space, name, resume)
+        settings = _settings(state, out, storage, cache, tracking_uri, experiment, name)
+        state.settings = settings
+        data_root = _path_or_none(data_root)
+        if check_caches:
+            preflight(space, Path(settings["cache"]), data_root)
+        parents = create_parent_runs(settings["tracking_uri"], settings["experiment"], name, space)
+        start_parent_runs(settings["tracking_uri"], parents, space, state)
+        state.save()
+        logger.info("sweep %s: Tune storage %s, MLflow %s (experiment %r)", name,
+                    join_storage(settings["storage"], name), settings["tracking_uri"], settings["experiment"])
+        # Checkpointing every short epoch with num_to_keep=1 forces frequent experiment snapshots; Tune
+        # warns about each, harmlessly (it only matters for huge experiments).
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        mode = init_ray(address, num_cpus)
+        try:
+            if data_root is not None:
+                build_caches(space, Path(settings["cache"]), data_root)
+                if check_caches:
+                    check_folds(space, Path(settings["cache"]))
+            folds_files = sweep_folds(space, Path(settings["cache"]), sweep_dir) if check_caches else {}
+            log_folds(settings["tracking_uri"], parents, folds_files, space)
+            run = make_run(space, name, settings, sweep_dir, state, parents, trainable, gpus_per_trial,
+                            local=is_local(mode), reuse_actors=reuse_actors,
+                            progress_interval_s=progress_interval_s, folds_files=folds_files)
+            result = run_stages(run, parents, stages or sweep_stages(space))
+        except BaseException as err:  # no run stays RUNNING after a stop or a failure
+            status = "KILLED" if isinstance(err, (KeyboardInterrupt, SweepInterrupted)) else "FAILED"
+            close_trial_runs(settings["tracking_uri"], parents.experiment_id, name, status)
+            close_parent_runs(settings["tracking_uri"], parents, status)
+            raise
+        else:  # Tune has returned: a trial run still RUNNING lost its worker after its last retry
+            close_trial_runs(settings["tracking_uri"], parents.experiment_id, name, "FAILED")
+        finally:
+            if mode != "existing":
+                import ray
 
-            ray.shutdown()
-    return result
+                ray.shutdown()
+        return result
 
 
 def _resolve_space(

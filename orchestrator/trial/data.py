@@ -65,9 +65,14 @@ class TrialData:
     splits: dict[str, Targets]
 
     def load_frames(self, clip_id: str) -> np.ndarray:
-        """uint8 frames (T, S, S, 3) of one clip."""
-        with np.load(self.files[clip_id]) as npz:
-            return npz["frames"]
+        """uint8 frames (T, S, S, 3) of one clip.
+
+        Raises:
+            orchestrator.data.cache.CacheFileError: The clip's file is missing or corrupt (named).
+        """
+        from orchestrator.data.cache import read_npz
+
+        return read_npz(self.files[clip_id], ("frames",))["frames"]
 
 
 def load_trial_data(cfg: TrialConfig) -> TrialData:
@@ -105,7 +110,7 @@ def trial_data_from_splits(cache_dir: Path | str, splits: Mapping[str, Sequence[
         ValueError: A split is missing or empty.
         KeyError: A clip id is not a usable clip of the cache.
     """
-    from orchestrator.data.cache import load_manifest, load_settings
+    from orchestrator.data.cache import load_manifest, load_settings, read_npz
 
     cache_dir = Path(cache_dir)
     settings = load_settings(cache_dir)
@@ -120,19 +125,20 @@ def trial_data_from_splits(cache_dir: Path | str, splits: Mapping[str, Sequence[
         if unknown:
             raise KeyError(f"{len(unknown)} {name} clip(s) are not usable clips of {cache_dir}, e.g. {unknown[:3]}")
         targets[name] = _load_targets(ids, files)
-    with np.load(files[targets["train"].clip_ids[0]]) as npz:
-        T, S = npz["frames"].shape[:2]
+    T, S = read_npz(files[targets["train"].clip_ids[0]], ("frames",))["frames"].shape[:2]
     names = _class_names(settings, manifest, dataset)
     return TrialData(cache_dir, names, str(settings.get("settings_hash", "")), int(T), int(S), files, targets)
 
 
 def _load_targets(clip_ids: list[str], files: Mapping[str, Path]) -> Targets:
     """Boxes, landmarks, validity and labels of ``clip_ids`` (npz members are read lazily: no frames)."""
+    from orchestrator.data.cache import read_npz
+
     parts: dict[str, list[np.ndarray]] = {"boxes": [], "landmarks": [], "valid": [], "label": []}
     for clip_id in clip_ids:
-        with np.load(files[clip_id]) as npz:
-            for key in parts:
-                parts[key].append(npz[key])
+        arrays = read_npz(files[clip_id], tuple(parts))
+        for key in parts:
+            parts[key].append(arrays[key])
     stacked = {k: torch.from_numpy(np.stack(v)) for k, v in parts.items()}
     return Targets(clip_ids, stacked["boxes"].float(), stacked["landmarks"].float(),
                    stacked["valid"].bool(), stacked["label"].long())
