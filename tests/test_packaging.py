@@ -101,7 +101,7 @@ def test_both_flavours_give_the_trials_test_predictions(trained: dict, cache: Ti
     clips = list(predictions["clip_id"])
     paths = [str(cache.root / "clips" / f"{c}.npz") for c in clips]
     out = pyfunc.predict(pd.DataFrame({"path": paths, "clip": clips}))
-    probs = out[[f"prob_{c}" for c in cache.class_names]].to_numpy()
+    probs = out[[f"prob_{c}" for c in cache.class_names]].to_numpy(dtype=float)
     assert list(out["status"]) == ["ok"] * len(clips)
     assert list(out["label"]) == list(predictions["pred_name"])  # the trial's own test predictions
     frames = torch.from_numpy(np.stack([clip_frames(cache, c) for c in clips]))

@@ -267,8 +267,8 @@ def results_frame(results: list[ClipResult], class_names: tuple[str, ...]) -> An
                 "face_boxes": _nested(r.face_boxes), "face_landmarks": _nested(r.face_landmarks),
                 "pred_boxes": _nested(r.pred_boxes), "pred_landmarks": _nested(r.pred_landmarks)}
         rows.append(row)
-    return pd.DataFrame(rows, columns=["clip", "status", "reason", "label",
-                                       *(probability_column(c) for c in class_names), *FRAME_COLUMNS])
+    columns = ["clip", "status", "reason", "label", *(probability_column(c) for c in class_names), *FRAME_COLUMNS]
+    return pd.DataFrame(rows, columns=columns, dtype=object)  # None stays None (JSON null, never NaN)
 
 
 def _nested(values: np.ndarray | None) -> list | None:
