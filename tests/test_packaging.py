@@ -189,7 +189,8 @@ def test_package_and_pickle_round_trips_give_the_same_outputs(arch: str, tmp_pat
         assert (got["boxes"] is None) == (arch == vocab.STL) == (expected["boxes"] is None)
 
 
-def test_a_referenced_encoder_checkpoint_is_checked_by_its_hash(tmp_path: Path) -> None:
+def test_a_referenced_encoder_checkpoint_is_checked_by_its_hash(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(1)
     encoder = build_model(vocab.STL, ModelConfig(encoder="tiny", num_classes=3, img_size=32)).encoder
     ckpt = tmp_path / "encoder.pth"
@@ -204,6 +205,9 @@ def test_a_referenced_encoder_checkpoint_is_checked_by_its_hash(tmp_path: Path) 
     with pytest.raises(EncoderMismatchError, match="encoder.pth: the encoder checkpoint .* is not there"):
         load_package(package)
     assert load_package(package, encoder_checkpoint=moved).spec()["encoder"]["stored"] is False
+    monkeypatch.setenv("MTCAE_ENCODER_CHECKPOINT", str(moved))  # the same file, mounted elsewhere
+    torch.testing.assert_close(load_package(package)(frames)["probabilities"], predictor(frames)["probabilities"])
+    monkeypatch.delenv("MTCAE_ENCODER_CHECKPOINT")
     torch.manual_seed(2)
     other = build_model(vocab.STL, ModelConfig(encoder="tiny", num_classes=3, img_size=32)).encoder
     torch.save(other.state_dict(), ckpt)

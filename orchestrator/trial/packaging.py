@@ -320,12 +320,12 @@ def _client(tracking_uri: str) -> Any:
 
 
 def find_logged_model(tracking_uri: str, run_id: str, name: str = MODEL_NAME) -> Any | None:
-    """The logged model ``name`` whose source run is ``run_id`` (the newest), or None."""
+    """The finished logged model ``name`` whose source run is ``run_id`` (the newest), or None."""
     client = make_client(tracking_uri)
     run = client.get_run(run_id)
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run_id}'")
-    matching = [m for m in models if m.name == name]
+    matching = [m for m in models if m.name == name and str(m.status) == "READY"]  # not a failed upload
     return max(matching, key=lambda m: m.creation_timestamp) if matching else None
 
 

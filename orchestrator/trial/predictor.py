@@ -43,7 +43,7 @@ from orchestrator.features import weights_fingerprint
 
 SPEC_FORMAT = 1
 ENCODER_PREFIX = "encoder."
-# Another location of a referenced encoder checkpoint (same content, another machine or mount).
+# Where a referenced encoder checkpoint is when not at its recorded path (another machine or mount).
 ENCODER_CHECKPOINT_ENV = "MTCAE_ENCODER_CHECKPOINT"
 _HASH_CHUNK = 1 << 24
 
@@ -154,8 +154,8 @@ def build_predictor(spec: Mapping[str, Any], trained: Mapping[str, torch.Tensor]
         spec: The description.
         trained: Every weight but the encoder's.
         encoder: The encoder's weights when the spec says they are stored.
-        encoder_checkpoint: Where the referenced encoder checkpoint is (default:
-            ``$MTCAE_ENCODER_CHECKPOINT``, else the path recorded at training).
+        encoder_checkpoint: Where the referenced encoder checkpoint is (default: the path recorded
+            at training, else ``$MTCAE_ENCODER_CHECKPOINT``).
 
     Raises:
         EncoderMismatchError: The referenced checkpoint is missing or its SHA-256 differs, or the
@@ -197,9 +197,15 @@ def _settings(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _referenced_checkpoint(source: Mapping[str, Any], override: Path | str | None) -> Path:
-    """The encoder checkpoint file, checked against the recorded SHA-256."""
-    path = Path(override or os.environ.get(ENCODER_CHECKPOINT_ENV) or source["checkpoint"])
+    """The encoder checkpoint file, checked against the recorded SHA-256.
+
+    ``override`` when given; else the path recorded at training if it exists, else
+    ``$MTCAE_ENCODER_CHECKPOINT``.
+    """
     expected = source["checkpoint_sha256"]
+    env = os.environ.get(ENCODER_CHECKPOINT_ENV)
+    candidates = [Path(override)] if override else [Path(p) for p in (source["checkpoint"], env) if p]
+    path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
         raise EncoderMismatchError(
             f"{path}: the encoder checkpoint this model was trained on top of (sha256 {expected}) is not "
