@@ -88,6 +88,12 @@ def test_a_trial_logs_its_model_on_its_run(trained: dict) -> None:
     assert [(m.name, m.source_run_id, m.status.to_proto()) for m in models] == [(MODEL_NAME, run.info.run_id, 2)]
     assert run.data.tags[MODEL_URI_TAG] == f"models:/{models[0].model_id}"
     assert models[0].params["arch"] == vocab.CASCADED_VIT  # the run's params travel with the model
+    client = make_client(uri)
+    outputs = client.get_run(run.info.run_id).outputs.model_outputs
+    assert [o.model_id for o in outputs] == [models[0].model_id]
+    for key in ("val_uar", "test_uar"):  # logging the model doubles no metric point
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == ([0, 1] if key == "val_uar" else [0]), key
 
 
 def test_both_flavours_give_the_trials_test_predictions(trained: dict, cache: TinyCache) -> None:

@@ -454,7 +454,8 @@ def log_trial_model(trial: Trial, tracker: TrialLogger) -> str | None:
         predictor = predictor_from_trial(trial.model, trial.state.best_state, data.class_names,
                                          PreprocessSettings(**values), cfg.encoder_checkpoint, info)
         uri = log_model(predictor, tracker.tracking_uri, tracker.run_id, MODEL_NAME,
-                        tags={"dataset": cfg.dataset, "arch": cfg.arch, "fold": cfg.fold})
+                        tags={"dataset": cfg.dataset, "arch": cfg.arch, "fold": cfg.fold},
+                        step=max(trial.state.stopper.best_epoch, 0))
     except Exception:
         logger.exception("run %s: could not log the trained model to MLflow", tracker.run_id)
         return None

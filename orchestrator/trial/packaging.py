@@ -110,7 +110,8 @@ def load_package(directory: Path | str, encoder_checkpoint: Path | str | None = 
 # ---------------------------------------------------------------- the MLflow flavour
 
 
-def save_model(path: str, mlflow_model: Any = None, predictor: Predictor | None = None, **_: Any) -> None:
+def save_model(path: str, mlflow_model: Any = None, predictor: Predictor | None = None,
+               source_run_id: str | None = None, **_: Any) -> None:
     """Write ``predictor`` as an MLflow model at ``path`` (the ``flavor.save_model`` of ``Model.log``).
 
     The PyTorch flavour first (``mlflow.pytorch.save_model``, pickle format: no ``torch.export``
@@ -123,6 +124,8 @@ def save_model(path: str, mlflow_model: Any = None, predictor: Predictor | None 
     from mlflow.pyfunc import add_to_model
 
     mlflow_model = mlflow_model or Model()
+    if source_run_id:
+        mlflow_model.run_id = source_run_id
     with _quiet("mlflow.pytorch"):  # its pickle warning: the pyfunc flavour reads no pickle
         mlflow.pytorch.save_model(predictor, path, mlflow_model=mlflow_model, serialization_format="pickle",
                                   pip_requirements=list(PIP_REQUIREMENTS))
@@ -330,11 +333,20 @@ def find_logged_model(tracking_uri: str, run_id: str, name: str = MODEL_NAME) ->
 
 
 def log_model(predictor: Predictor, tracking_uri: str, run_id: str, name: str = MODEL_NAME,
-              tags: Mapping[str, Any] | None = None) -> str:
+              tags: Mapping[str, Any] | None = None, step: int = 0) -> str:
     """Log ``predictor`` as the logged model ``name`` of run ``run_id``; its ``models:/<id>`` URI.
 
     Idempotent: a run that already has a model of that name (a resumed trial) keeps it.
+
+    Args:
+        predictor: The model.
+        tracking_uri: MLflow tracking URI.
+        run_id: The run the model comes from (its params are copied onto the model).
+        name: The logged model's name.
+        tags: Tags of the logged model.
+        step: The run's step the model belongs to (a trial: its selected epoch).
     """
+    from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
 
     existing = find_logged_model(tracking_uri, run_id, name)
@@ -346,9 +358,13 @@ def log_model(predictor: Predictor, tracking_uri: str, run_id: str, name: str = 
     model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
                                        tags={str(k): str(v) for k, v in (tags or {}).items()},
                                        params=dict(run.data.params))
+    # run_id=None: Model.log would copy the run's step-0 metrics onto the model, doubling points in
+    # the run's metric history; the run -> model link (the run page's "Logged models") is set below.
     with use_tracking_uri(tracking_uri):
-        Model.log(artifact_path=None, flavor=sys.modules[__name__], name=name, run_id=run_id,
-                  model_id=model.model_id, predictor=predictor, validate_serving_input=False)
+        Model.log(artifact_path=None, flavor=sys.modules[__name__], name=name, run_id=None,
+                  model_id=model.model_id, predictor=predictor, source_run_id=run_id,
+                  validate_serving_input=False)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
     return f"models:/{model.model_id}"
 
 
