@@ -19,7 +19,9 @@ any face is predicted but flagged ``no_face``; neither stops the run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -115,14 +117,29 @@ def _download(uri: str, tracking_uri: str | None, encoder_checkpoint: Path | str
     from mlflow.exceptions import MlflowException
 
 
-    with tempfile.TemporaryDirectory(prefix="mtcae_model_") as tmp, use_tracking_uri(tracking_uri or mlflow.get_tracking_uri()):
+    store = tracking_uri or mlflow.get_tracking_uri()
+    with tempfile.TemporaryDirectory(prefix="mtcae_model_") as tmp, use_tracking_uri(store), _no_download_bar():
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
         except (MlflowException, OSError) as error:
             message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-            raise PredictError(f"--model {uri}: cannot be loaded from {tracking_uri or mlflow.get_tracking_uri()} "
-                               f"({message})") from None
+            raise PredictError(f"--model {uri}: cannot be loaded from {store} ({message})") from None
         return load_package(local, encoder_checkpoint)
+
+
+@contextlib.contextmanager
+def _no_download_bar() -> Iterator[None]:
+    """MLflow's per-file download bar off (it would interleave with ours)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 # ---------------------------------------------------------------- the run

@@ -81,6 +81,7 @@ def clip_frames(cache: TinyCache, clip_id: str) -> np.ndarray:
         return npz["frames"]
 
 
+@pytest.mark.slow
 def test_a_trial_logs_its_model_on_its_run(trained: dict) -> None:
     uri, run = trained["uri"], trained["run"]
     with use_tracking_uri(uri):
@@ -96,6 +97,7 @@ def test_a_trial_logs_its_model_on_its_run(trained: dict) -> None:
         assert steps == ([0, 1] if key == "val_uar" else [0]), key
 
 
+@pytest.mark.slow
 def test_both_flavours_give_the_trials_test_predictions(trained: dict, cache: TinyCache) -> None:
     """The PyTorch flavour, the pyfunc (on the cached clip files) and the trial's own test
     predictions (predictions.csv, computed from the feature cache's fp16 tokens) agree."""
@@ -124,6 +126,7 @@ def _token_file(cache: TinyCache, clip_id: str) -> Path:
     return store / f"{clip_id}.npy"
 
 
+@pytest.mark.slow
 def test_the_seeded_tiny_encoder_travels_inside_the_artifact(trained: dict, tmp_path: Path) -> None:
     run_id = trained["run"].info.run_id
     with use_tracking_uri(trained["uri"]):
@@ -135,12 +138,14 @@ def test_the_seeded_tiny_encoder_travels_inside_the_artifact(trained: dict, tmp_
     assert spec["encoder"]["stored"] and spec["encoder"]["checkpoint_sha256"] is None
 
 
+@pytest.mark.slow
 def test_logging_twice_keeps_one_model(trained: dict, cache: TinyCache) -> None:
     run_id = trained["run"].info.run_id
     first = find_logged_model(trained["uri"], run_id)
     assert log_model(tiny_predictor(), trained["uri"], run_id) == f"models:/{first.model_id}"
 
 
+@pytest.mark.slow
 def test_register_best_model_names_tags_and_aliases_it(trained: dict, cache: TinyCache) -> None:
     run_id, uri = trained["run"].info.run_id, trained["uri"]
     version = register_best_model(uri, run_id, "smoke", vocab.DEMO, vocab.CASCADED_VIT, 0, "val_uar", 0.5)
@@ -156,6 +161,7 @@ def test_register_best_model_names_tags_and_aliases_it(trained: dict, cache: Tin
     assert model.predict(pd.DataFrame({"path": [path]}))["status"].tolist() == ["ok"]
 
 
+@pytest.mark.slow
 def test_register_refuses_a_run_without_a_model(trained: dict) -> None:
     client = make_client(trained["uri"])
     other = client.create_run(trained["run"].info.experiment_id).info.run_id
@@ -163,6 +169,7 @@ def test_register_refuses_a_run_without_a_model(trained: dict) -> None:
         register_best_model(trained["uri"], other, "smoke", vocab.DEMO, vocab.STL, 0, "val_uar")
 
 
+@pytest.mark.slow
 def test_pyfunc_reports_bad_rows_one_by_one(trained: dict, cache: TinyCache, tmp_path: Path) -> None:
     with use_tracking_uri(trained["uri"]):
         pyfunc = mlflow.pyfunc.load_model(f"runs:/{trained['run'].info.run_id}/{MODEL_NAME}")

@@ -62,6 +62,7 @@ def videos(face_video: Path, tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_predict_writes_frame_and_clip_tables_and_overlays(videos: Path, model_dir: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
@@ -93,6 +94,7 @@ def test_predict_writes_frame_and_clip_tables_and_overlays(videos: Path, model_d
     assert not (out / "overlays" / "broken.mp4").exists()
 
 
+@pytest.mark.slow
 def test_frame_boxes_are_the_preprocessing_labels(face_video: Path, model_dir: Path, tmp_path: Path) -> None:
     """Same decoding and MTCNN as ``mtcae preprocess``: the boxes and points it caches, in pixels."""
     run_preprocess(vocab.RAVDESS, face_video.parents[1], tmp_path / "cache", PreprocessSettings(size=SIZE),
@@ -108,6 +110,7 @@ def test_frame_boxes_are_the_preprocessing_labels(face_video: Path, model_dir: P
     np.testing.assert_allclose(frames[cols].to_numpy(), points.reshape(16, 10) * SIZE, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_parquet_and_a_logged_model_uri(face_video: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id = get_or_create_run(uri, ensure_experiment(uri, "mtcae"), "predict-test", "predict-test", {})
