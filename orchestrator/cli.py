@@ -264,7 +264,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder-checkpoint", type=Path, default=None,
                    help="where the model's encoder checkpoint is, if it moved (its sha256 is checked)")
     p.add_argument("--batch-size", type=int, default=4, help="clips per MTCNN call and forward (default: 4)")
-    p.add_argument("--device", default="auto", help="MTCNN device: auto, cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="MTCNN and model device: auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_predict)
 

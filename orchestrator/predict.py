@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.data.faces import resolve_device
 from orchestrator.trial.inference import (
     STATUS_FAILED,
     STATUS_OK,
@@ -158,7 +159,7 @@ def predict_videos(source: Path | str, model: str, out: Path | str, fmt: str = "
         overlay: Also write one overlay MP4 per clip.
         tracking_uri: Where ``runs:/`` and ``models:/`` URIs are resolved.
         batch_size: Clips per MTCNN call and network forward.
-        device: MTCNN device.
+        device: Where MTCNN and the network run (``auto``: CUDA when available).
         progress: A progress bar over the clips.
         encoder_checkpoint: Where the model's referenced encoder checkpoint is, if not where it was.
 
@@ -169,7 +170,7 @@ def predict_videos(source: Path | str, model: str, out: Path | str, fmt: str = "
         raise PredictError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     source, out = Path(source), Path(out)
     videos = find_videos(source)
-    predictor = load_model(model, tracking_uri, encoder_checkpoint)
+    predictor = load_model(model, tracking_uri, encoder_checkpoint).to(resolve_device(device))
     root = source if source.is_dir() else source.parent
     names = [str(v.relative_to(root)) for v in videos]
     out.mkdir(parents=True, exist_ok=True)

@@ -225,8 +225,10 @@ class VideoModel:
 
 
 def _load_pyfunc(data_path: str) -> VideoModel:
-    """MLflow's hook for the ``python_function`` flavour (``loader_module``)."""
-    return VideoModel(load_package(data_path))
+    """MLflow's hook for the ``python_function`` flavour (``loader_module``); on CUDA when available."""
+    from orchestrator.data.faces import resolve_device
+
+    return VideoModel(load_package(data_path).to(resolve_device("auto")))
 
 
 def _request_clips(frame: Any, tmp: Path) -> tuple[list[tuple[str, Path]], dict[int, ClipResult]]:
