@@ -17,7 +17,7 @@ import vocab
 Handler = Callable[[argparse.Namespace], int]
 
 _EPILOG = """\
-pipeline:  demo-data -> preprocess -> train / sweep -> table
+pipeline:  demo-data -> preprocess -> train / sweep -> table; predict (a trained model on videos)
 quick start (one CPU machine, a few minutes):  mtcae demo
 """
 
@@ -221,6 +221,77 @@ def _run_train(args: argparse.Namespace) -> int:
     print(f"best epoch {final['best_epoch']:.0f}: val_uar {final['best_val_uar']:.4f}  "
           f"test_uar {final['test_uar']:.4f}  test_war {final['test_war']:.4f}")
     return 0
+
+
+_PREDICT_EPILOG = """\
+what it writes (under --out):
+  frames.csv   one row per sampled frame: clip, frame, frame_index (in the source), face_found,
+               MTCNN box_x1 box_y1 box_x2 box_y2 and 5 landmarks (<point>_x/_y), the model's
+               pred_box_* and pred_<point>_*, in source pixels
+  clips.csv    one row per clip: status (ok | no_face | failed), reason, label, prob_<class>
+  overlays/    (--overlay) one MP4 per clip: MTCNN box/points (green), the model's (orange), the label
+  Decoding and MTCNN are the preprocessing's, with the model's training settings; a file that cannot
+  be read, or a clip without a face, is reported and the run goes on.
+
+examples:
+  mtcae predict clip.mp4 --model runs:/<run_id>/model                  # a trial's logged model
+  mtcae predict videos/ --model models:/mtcae-smoke-demo-cascaded_vit@best --format parquet --overlay
+  mtcae predict clip.flv --model ./downloaded_model --out preds        # an MLflow model folder
+"""
+
+
+@subcommand
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    """``mtcae predict``: a trained model on new videos -> frame and clip tables."""
+    p = sub.add_parser(
+        "predict",
+        help="run a trained model on videos: per-frame faces and per-clip expression probabilities",
+        description="Decode each video as preprocessing does, find faces with MTCNN, run the model and "
+        "write one row per frame and one per clip (CSV or Parquet), optionally overlay videos.",
+        epilog=_PREDICT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", type=Path, help="a video file, or a folder searched recursively for videos")
+    p.add_argument("--model", required=True,
+                   help="runs:/<run_id>/model, models:/<model_id>, models:/<name>/<version|@alias>, or a folder")
+    p.add_argument("--out", type=Path, default=Path("mtcae_predictions"),
+                   help="output folder (default: %(default)s)")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv", help="table format (default: csv)")
+    p.add_argument("--overlay", action="store_true", help="also write an overlay MP4 per clip")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store of runs:/ and models:/ URIs (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///mtcae_runs/mlflow.db)")
+    p.add_argument("--encoder-checkpoint", type=Path, default=None,
+                   help="where the model's encoder checkpoint is, if it moved (its sha256 is checked)")
+    p.add_argument("--batch-size", type=int, default=4, help="clips per MTCNN call and forward (default: 4)")
+    p.add_argument("--device", default="auto", help="MTCNN and model device: auto, cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from orchestrator.predict import PredictError, predict_videos
+
+    tracking_uri = args.tracking_uri
+    if tracking_uri is None and ":/" in args.model and not Path(args.model).exists():
+        from orchestrator.tracking import resolve_tracking_uri
+
+        tracking_uri = resolve_tracking_uri(None, Path("mtcae_runs"))
+    try:
+        report = predict_videos(args.source, args.model, args.out, fmt=args.format, overlay=args.overlay,
+                                tracking_uri=tracking_uri, batch_size=args.batch_size, device=args.device,
+                                progress=not args.no_progress, encoder_checkpoint=args.encoder_checkpoint)
+    except (PredictError, ValueError) as err:
+        print(f"mtcae predict: {err}", file=sys.stderr)
+        return 2
+    for clip, label in report.labels:
+        print(f"{clip}: {label}")
+    for clip, status, reason in report.problems:
+        print(f"  {status}: {clip}: {reason}", file=sys.stderr)
+    print(f"{report.clips} clip(s), {len(report.problems)} with problems; wrote "
+          + ", ".join(str(f) for f in report.files[:2]) + (f" and {len(report.files) - 2} overlay(s)"
+                                                           if len(report.files) > 2 else ""))
+    return 0 if len(report.labels) else 1
 
 
 _SWEEP_EPILOG = """\

@@ -31,6 +31,7 @@ FLOW: tuple[tuple[str, ...], ...] = (
     ("orchestrator.trial",),
     ("orchestrator.sweep",),
     ("orchestrator.report",),
+    ("orchestrator.predict",),
     ("orchestrator.pipeline",),
     ("orchestrator.cli", "benchmarks"),
 )

@@ -58,6 +58,8 @@ class DecodedClip:
         truncated: The container declares many more frames than decode (its note comes first).
         decodable_frames: Frames that decode (the readable prefix).
         declared_frames: Frames the container declares, None when it declares none.
+        indices: The source frame index of each of the T frames (None when not read by
+            :func:`read_clip`).
     """
 
     frames: np.ndarray
@@ -66,6 +68,7 @@ class DecodedClip:
     truncated: bool = False
     decodable_frames: int = 0
     declared_frames: int | None = None
+    indices: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------- sampling and resizing
@@ -158,7 +161,8 @@ def read_clip(path: str | os.PathLike[str], settings: PreprocessSettings) -> Dec
     if padded:
         notes.append(f"padded: {min(num_source, int(indices.max()) + 1)} source frames "
                      f"< {settings.num_frames}")
-    return DecodedClip(frames, padded, notes, bool(truncated), decodable, declared)
+    return DecodedClip(frames, padded, notes, bool(truncated), decodable, declared,
+                       np.asarray(indices, np.int64))
 
 
 def _read_unscaled(path: Path, num_source: int, indices: np.ndarray, padded: bool,

@@ -14,7 +14,9 @@ official_spec.md section 5):
 4. on the last epoch (budget reached or early stop) evaluate the test clips with the **best
    validation epoch's** weights (never selected on test);
 5. save a checkpoint and report :data:`EPOCH_METRICS` (+ :data:`FINAL_METRICS` on the last epoch)
-   to the reporter (Ray Tune) and to MLflow (``step = epoch``).
+   to the reporter (Ray Tune) and to MLflow (``step = epoch``); on the last epoch, before that
+   report, the tested weights are logged as the run's MLflow model (:func:`log_trial_model`,
+   ``orchestrator.trial.packaging``).
 
 With a frozen encoder the trial trains from the feature cache (``orchestrator.features``): the
 encoder runs once per clip for the whole sweep instead of once per clip per epoch per trial.
@@ -70,6 +72,8 @@ from orchestrator.trial.device import (
     seed_everything,
     set_rng_state,
 )
+from orchestrator.trial.packaging import MODEL_NAME, log_model
+from orchestrator.trial.predictor import predictor_from_trial
 from orchestrator.trial.run_logger import make_trial_logger
 from orchestrator.trial.sizing import warn_if_heavy_on_cpu
 
@@ -408,6 +412,7 @@ def _loop(trial: Trial, reporter: Reporter | None, tracker: TrialLogger | None, 
     final = metrics | test_metrics
     if tracker is not None:  # before the last report: Tune may end the trial inside tune.report
         tracker.log_final(test_metrics, meter.y_true, meter.y_pred, trial.data.class_names, meter.clip_ids)
+        log_trial_model(trial, tracker)
     _report(trial, final, reporter, tracker)
     logger.info("test (best epoch %d): uar %.4f war %.4f", final["best_epoch"], final["test_uar"], final["test_war"])
     return final
@@ -424,3 +429,36 @@ def _report(trial: Trial, metrics: dict[str, float], reporter: Reporter | None,
     with tempfile.TemporaryDirectory(prefix="mtcae_ckpt_") as tmp:
         save_checkpoint_file(trial.checkpoint(), Path(tmp))
         reporter(metrics, Path(tmp))
+
+
+MODEL_URI_TAG = "model_uri"
+
+
+def log_trial_model(trial: Trial, tracker: TrialLogger) -> str | None:
+    """Log the tested (selected-epoch) weights as the run's MLflow model; its ``models:/`` URI.
+
+    The run gets the tag ``model_uri``. A failure is logged and the trial goes on: its metrics and
+    checkpoint are valid without the model.
+    """
+    from orchestrator.data.cache import load_settings
+    from orchestrator.data.settings import PreprocessSettings
+
+    cfg, data = trial.cfg, trial.data
+    try:
+        known = set(PreprocessSettings.__dataclass_fields__)
+        values = {k: v for k, v in load_settings(data.cache_dir).items() if k in known}
+        values |= {"num_frames": data.num_frames, "size": data.img_size}
+        values["thresholds"] = tuple(values.get("thresholds", PreprocessSettings.thresholds))
+        info = {"dataset": cfg.dataset, "run_name": cfg.run_name, "config_hash": cfg.config_hash,
+                "fold": cfg.fold, "best_epoch": trial.state.stopper.best_epoch}
+        predictor = predictor_from_trial(trial.model, trial.state.best_state, data.class_names,
+                                         PreprocessSettings(**values), cfg.encoder_checkpoint, info)
+        uri = log_model(predictor, tracker.tracking_uri, tracker.run_id, MODEL_NAME,
+                        tags={"dataset": cfg.dataset, "arch": cfg.arch, "fold": cfg.fold},
+                        step=max(trial.state.stopper.best_epoch, 0))
+    except Exception:
+        logger.exception("run %s: could not log the trained model to MLflow", tracker.run_id)
+        return None
+    tracker.set_tags({MODEL_URI_TAG: uri})
+    logger.info("logged model %s (runs:/%s/%s)", uri, tracker.run_id, MODEL_NAME)
+    return uri
