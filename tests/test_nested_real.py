@@ -77,6 +77,16 @@ def test_nested_sweep_with_the_real_trainable_never_leaks_and_never_retrains(tmp
         group.info.run_id)}  # summed over the folds' chosen trials
     assert {"cv_test_uar_mean", "cv_test_uar_std", "fold0_search_best_val_uar"} <= set(group.data.metrics)
 
+    import mlflow
+
+    version = client.get_model_version_by_alias("mtcae-nested-demo-cascaded_vit", "best")
+    chosen = {r["run_id"] for r in result.cv_rows}
+    assert version.tags["run_id"] in chosen and version.tags["sweep"] == "nested"
+    assert version.tags["metric"] == "val_uar" and version.tags["fold"] in ("0", "1")
+    mlflow.set_tracking_uri(result.tracking_uri)
+    assert any(m.source_run_id in chosen for m in mlflow.search_logged_models(
+        experiment_ids=[result.experiment_id], output_format="list"))
+
     again = run_sweep(space, out=tmp_path / "out", num_cpus=2, address="local")  # nothing left to train
     assert again.complete and again.cv_rows == result.cv_rows
     assert len(client.search_runs([result.experiment_id], filter_string="tags.stage = 'search'")) == 4

@@ -385,8 +385,28 @@ def finish_parent_runs(run: SweepRun, parents: Parents, result: SweepResult) -> 
                                                                   vocab.STAGE_CV, dataset=dataset, arch=arch)
                        if tracking.has_result(r)]
         log_fold_confusion(client, group_run, run_ids, f"{dataset} / {arch} ({protocol})")
+        if ok and run_ids:
+            register_group_model(run, client, dataset, arch, run_ids)
         log_to_run(uri, group_run, metrics=metrics, status="FINISHED" if ok else "FAILED")
     log_to_run(uri, parents.sweep_run, status="FINISHED" if run.state.complete else "FAILED")
+
+
+def register_group_model(run: SweepRun, client: Any, dataset: str, arch: str, run_ids: Sequence[str]) -> None:
+    """Register the group's best result model (the fold result with the best validation score) as
+    ``mtcae-<sweep>-<dataset>-<arch>`` with alias ``best``; a trainable that logs no model is skipped."""
+    from orchestrator.trial.packaging import register_best_model
+
+    metric, sign = run.space.metric, 1.0 if run.space.mode == "max" else -1.0
+    runs = [client.get_run(i) for i in run_ids]
+    best = max(runs, key=lambda r: sign * r.data.metrics.get(f"best_{metric}", -sign * math.inf))
+    try:
+        version = register_best_model(run.context.tracking_uri, best.info.run_id, run.name, dataset, arch,
+                                      int(best.data.tags["fold"]), metric, best.data.metrics.get(f"best_{metric}"))
+    except LookupError as err:
+        logger.info("[%s] %s/%s: no model registered (%s)", run.name, dataset, arch, err)
+        return
+    logger.info("[%s] registered %s version %s (fold %s) as the best %s/%s model", run.name,
+                version.name, version.version, best.data.tags["fold"], dataset, arch)
 
 
 DEFAULT_TRAINABLE = "orchestrator.trial.entrypoints:train_trial"

@@ -377,7 +377,7 @@ def run_trial(
     trial = Trial(cfg, load_trial_data(cfg), device, progress)
     if resume is not None:
         trial.restore(resume if isinstance(resume, Mapping) else load_checkpoint(resume))
-    tracker = make_trial_logger(cfg)
+    tracker = make_trial_logger(cfg, trial.device)
     try:
         final = _loop(trial, reporter, tracker, progress)
     except (SystemExit, KeyboardInterrupt):  # Tune stops a trial with sys.exit(0) inside tune.report
