@@ -294,3 +294,48 @@ def test_build_model_loads_encoder_checkpoint(tmp_path) -> None:
     for key, value in source.state_dict().items():
         torch.testing.assert_close(net.encoder.state_dict()[key], value)
     assert all(not p.requires_grad for p in net.encoder.parameters())
+
+
+# The paper's wiring (section 4.3, Table 1), written out independently of model/architectures.py:
+# decoder -> its query source; every decoder's K/V is the shared projection "proj".
+PAPER_ROUTING = {
+    "stl": ({}, {"expr": "tokens"}),
+    "nonshared_mlp": ({"box": "proj", "landmark": "proj", "expr": "proj"}, {t: t for t in ("box", "landmark", "expr")}),
+    "nonshared_vit": ({"box": "proj", "landmark": "proj", "expr": "proj"}, {t: t for t in ("box", "landmark", "expr")}),
+    "shared_mlp": ({"shared": "proj", "box": "shared", "landmark": "shared", "expr": "shared"},
+                   {t: t for t in ("box", "landmark", "expr")}),
+    "shared_vit": ({"shared": "proj", "box": "shared", "landmark": "shared", "expr": "shared"},
+                   {t: t for t in ("box", "landmark", "expr")}),
+    "cascaded_vit": ({"box": "proj", "landmark": "box", "expr": "landmark"}, {t: t for t in ("box", "landmark", "expr")}),
+}
+
+
+@pytest.mark.parametrize("arch", list(PAPER_ROUTING))
+def test_every_stage_reads_the_query_and_key_value_source_of_the_paper(arch: str) -> None:
+    net = build_model(arch, tiny_config()).eval()
+    stages, heads = PAPER_ROUTING[arch]
+    outputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, tuple] = {}
+
+    def keep(name: str):
+        def hook(module, args, output):
+            inputs[name], outputs[name] = args, output
+        return hook
+
+    net.encoder.register_forward_hook(keep("tokens"))
+    if net.proj is not None:
+        net.proj.register_forward_hook(keep("proj"))
+    for name, decoder in net.decoders.items():
+        decoder.register_forward_hook(keep(name))
+    for task, head in net.heads.items():
+        head.register_forward_hook(keep(f"head:{task}"))
+    with torch.no_grad():
+        net(torch.randn(2, 3, T, S, S))
+    assert set(net.decoders) == set(stages)
+    for name, source in stages.items():
+        query, key_value = inputs[name][:2]
+        assert query is outputs[source], f"{arch}: decoder {name!r} must take its query from {source!r}"
+        assert key_value is outputs["proj"], f"{arch}: decoder {name!r} must attend to the projected tokens"
+    assert set(net.heads) == set(heads)
+    for task, source in heads.items():
+        assert inputs[f"head:{task}"][0] is outputs[source], f"{arch}: the {task} head must read {source!r}"

@@ -527,3 +527,24 @@ def test_cli_train_uses_a_published_split(cache: TinyCache, tmp_path: Path) -> N
     assert sorted(folds[1].subjects["test"]) == [s for i, s in enumerate(subjects) if i % 3 == 1]
     split.write_text(json.dumps({"nobody": 0, **{s: i % 3 for i, s in enumerate(subjects)}}))
     assert main(args) == 2, "a split naming a subject the cache does not have is refused"
+
+
+def test_the_tested_weights_are_the_selected_epochs_not_the_last(cache: TinyCache) -> None:
+    from orchestrator.trial.checkpoint import load_trainable_state, trainable_state_dict
+
+    cfg = config(cache, epochs=6, early_stop_patience=6, lr=1e-2, select_metric="val_uar")
+    trial = Trial(cfg, td.load_trial_data(cfg))
+    weights = []
+    for epoch in range(cfg.epochs):
+        trial.run_epoch(epoch)
+        weights.append({k: v.clone() for k, v in trainable_state_dict(trial.model).items()})
+    best = trial.state.stopper.best_epoch
+    assert best != cfg.epochs - 1, "the setting must select an epoch other than the last to tell them apart"
+    metrics, _ = trial.test()
+
+    def test_loss(state: dict) -> float:
+        load_trainable_state(trial.model, state)
+        return trial.evaluate("test").losses()["loss"]
+
+    assert metrics["test_loss"] == pytest.approx(test_loss(weights[best]), rel=1e-6)
+    assert metrics["test_loss"] != pytest.approx(test_loss(weights[-1]), rel=1e-6)
