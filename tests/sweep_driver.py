@@ -22,3 +22,32 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def dying_train_trial(config: dict) -> None:
+    """The real trainable, whose worker process SIGKILLs itself once, right after reporting epoch 1
+    of its first attempt, when ``<cache_dir>/die_once`` names this trial's fold (as Ray's OOM killer
+    would end it). Every attempt is appended to ``<cache_dir>/attempts.txt``."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from ray import tune
+
+    from orchestrator.trial.entrypoints import train_trial
+
+    rule = Path(config["cache_dir"]) / "die_once"
+    with open(rule.with_name("attempts.txt"), "a") as handle:
+        handle.write(config["trial_key"] + "\n")
+    if rule.is_file() and rule.read_text().strip() == str(config["fold"]):
+        rule.unlink()  # the retry runs normally
+        rule.with_name("died").write_text(config["trial_key"])
+        report = tune.report
+
+        def report_then_die(metrics: dict, *args: object, **kwargs: object) -> None:
+            report(metrics, *args, **kwargs)
+            if metrics.get("epoch") == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        tune.report = report_then_die  # the trainable looks it up at call time
+    train_trial(config)

@@ -94,3 +94,64 @@ def test_driver_sigkill_then_resume_trains_nothing_twice(tmp_path: Path, space: 
         assert states == ["COMPLETE", "COMPLETE"], (name, states)
     state = json.loads((tmp_path / "out" / "sweeps" / "fake" / "state.json").read_text())
     assert state["complete"] is True
+
+
+@pytest.mark.slow
+def test_a_second_driver_on_the_same_sweep_exits_at_once_naming_the_first(tmp_path: Path) -> None:
+    crash = {"stage": "search", "arch": "stl", "fold": 0, "epoch": 0, "once": True, "action": "pause"}
+    space_file, channel = _setup(tmp_path, crash)
+    first = _driver(tmp_path, space_file)
+    try:
+        lock = tmp_path / "out" / "sweeps" / "fake" / "driver.lock"
+        deadline = time.monotonic() + 120
+        while not (channel / "calls.jsonl").exists() and time.monotonic() < deadline:  # first is training
+            time.sleep(0.5)
+        assert lock.exists()
+        second = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(space_file), "--out",
+                                 str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONPATH": str(TESTS_DIR.parent)})
+        assert second.returncode == 2
+        assert str(first.pid) in second.stderr and "Traceback" not in second.stderr
+        assert first.poll() is None, "the first driver is not disturbed"
+    finally:
+        _kill_group(first)
+
+
+@pytest.mark.slow
+def test_a_worker_sigkilled_mid_trial_is_retried_and_the_sweep_completes(tmp_path: Path) -> None:
+    """The real trainable (tiny cache, tiny model); its worker process dies by SIGKILL mid-trial,
+    as Ray's out-of-memory killer would do it: a retryable trial failure, never a driver error."""
+    from cache_fixture import write_tiny_cache
+    from mlflow import MlflowClient
+    from test_nested_real import SPACE as REAL_SPACE
+
+    cache = write_tiny_cache(tmp_path / "out" / "cache" / "demo")
+    (cache.root / "die_once").write_text("1")
+    space_file = tmp_path / "real.yaml"
+    space_file.write_text(REAL_SPACE.replace("max_failures: 0", "max_failures: 2").replace(
+        "epochs: 2", "epochs: 4"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(TESTS_DIR.parent)]),
+           "RAY_AUTH_MODE": "disabled"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    driver = subprocess.Popen([sys.executable, "-c", "import sys, sweep_driver; from orchestrator.sweep.run "
+                               "import run_sweep; r = run_sweep(sys.argv[1], out=sys.argv[2], address='local', "
+                               "num_cpus=2, trainable='sweep_driver:dying_train_trial'); sys.exit(0 if r.complete else 1)",
+                               str(space_file), str(tmp_path / "out")], cwd=tmp_path, env=env,
+                              start_new_session=True, stdout=open(tmp_path / "driver.log", "ab"),
+                              stderr=subprocess.STDOUT)
+    try:
+        assert driver.wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        _kill_group(driver)
+    died = (cache.root / "died").read_text()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    trials = [r for r in runs if r.data.tags.get("stage") == "search"]
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    attempts = (cache.root / "attempts.txt").read_text().split()
+    assert attempts.count(died) == 2, "the trial died after epoch 1 and was tried again"
+    assert all(attempts.count(k) == 1 for k in set(attempts) - {died})
+    killed = next(r for r in trials if r.data.tags["trial_key"] == died)
+    assert "test_uar" in killed.data.metrics  # the retry finished it, in the same run
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "val_uar")]
+    assert sorted(steps) == list(range(4)), "a resumed trial logs each epoch once"

@@ -121,6 +121,8 @@ def _maybe_crash(channel: Path, config: dict, epoch: int) -> None:
     if not selected or (rule["once"] and marker.exists()):
         return
     marker.write_text(config["trial_key"])
+    if rule.get("action") == "pause":  # keep the driver busy (tests/test_kills.py: a second driver)
+        time.sleep(600)
     if rule.get("action") in ("interrupt", "kill"):  # Ctrl+C, or a driver that dies on the spot
         os.kill(int((channel / "driver.pid").read_text()),
                 signal.SIGINT if rule["action"] == "interrupt" else signal.SIGKILL)
@@ -386,7 +388,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(ray_local, t
              "action": "interrupt"}
     space_file, channel = _setup(tmp_path, crash)
     (channel / "driver.pid").write_text(str(os.getpid()))
-    with pytest.raises(SweepInterrupted, match="re-run the same command"):
+    with pytest.raises(SweepInterrupted, match="re-run the same command") as stopped:
         _sweep(space_file, tmp_path)
     state = json.loads((tmp_path / "out" / "sweeps" / "fake" / "state.json").read_text())
     assert state["search_done"] is False and state["complete"] is False
@@ -394,6 +396,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(ray_local, t
     uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
     finished_before = _finished_keys(uri)
     assert finished_before, "some trials finished before the interrupt"
+    assert f"{len(finished_before)} trial result(s) recorded in MLflow" in str(stopped.value)  # what really finished
 
     result = _sweep(space_file, tmp_path, resume=True)
     assert result.complete

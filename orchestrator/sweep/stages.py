@@ -90,9 +90,16 @@ def _fit(path: str, trainable: Any, make_tuner: Callable[[], Any]) -> Any:
 
 
 def _interrupted(run: SweepRun, what: str) -> SweepInterrupted:
+    """The stop, with what actually finished: MLflow's record of trial results, not Tune's count."""
+    client = tracking.make_client(run.context.tracking_uri)
+    experiment = client.get_experiment_by_name(run.context.experiment)
+    recorded = 0 if experiment is None else sum(
+        tracking.has_result(r) for stage in vocab.STAGES
+        for r in tracking.trial_runs(client, experiment.experiment_id, run.name, stage))
     return SweepInterrupted(
-        f"sweep {run.name!r} was interrupted ({what}); re-run the same command, or "
-        f"`mtcae sweep --resume {run.name}`, to continue: finished trials are not trained again")
+        f"sweep {run.name!r} was interrupted ({what}; {recorded} trial result(s) recorded in MLflow); "
+        f"re-run the same command, or `mtcae sweep --resume {run.name}`, to continue: finished trials "
+        "are not trained again")
 
 
 # --------------------------------------------------------------------------------------- search
