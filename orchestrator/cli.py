@@ -218,6 +218,11 @@ def _run_train(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"mtcae train: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # an --out (or MLflow store) that cannot be written: the path and the operation
+        where = f" {err.filename}" if err.filename else ""
+        print(f"mtcae train: cannot write{where} ({err.strerror or err}); pass --out to a writable folder",
+              file=sys.stderr)
+        return 2
     print(f"best epoch {final['best_epoch']:.0f}: val_uar {final['best_val_uar']:.4f}  "
           f"test_uar {final['test_uar']:.4f}  test_war {final['test_war']:.4f}")
     return 0

@@ -60,6 +60,17 @@ PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag; the UI shows 
 
 RECALL_PREFIX = "test_recall_"
 
+# Metric names as the trainable and Tune know them (``val_uar``) -> as MLflow shows them, in
+# sections (``val/uar``), so the UI groups the charts: train/, val/ (best_* at the selected epoch:
+# val/best_*), test/, time/, and on parent runs cv/ and search/. Names that fit no section pass
+# unchanged; reading maps them back (:func:`flat_metrics`), so every reader keeps the flat names.
+METRIC_SECTIONS: tuple[tuple[str, str], ...] = (
+    ("best_val_", "val/best_"), ("train_", "train/"), ("val_", "val/"), ("test_", "test/"),
+    ("cv_", "cv/"), ("search_", "search/"),
+)
+METRIC_NAMES: dict[str, str] = {"lr": "train/lr", "epoch_time_s": "time/epoch_s", "best_epoch": "val/best_epoch",
+                                "epoch": "train/epoch"}
+
 # MLflow's per-call limits (mlflow.utils.validation).
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
@@ -71,6 +82,34 @@ _SQLITE_PREFIX = "sqlite:///"
 
 # --------------------------------------------------------------------------------------------
 # Tracking URI
+
+
+def _rename(name: str, names: Mapping[str, str], prefixes: Sequence[tuple[str, str]]) -> str:
+    if name in names:
+        return names[name]
+    for old, new in prefixes:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+_FLAT_NAMES = {v: k for k, v in METRIC_NAMES.items()}
+_FLAT_SECTIONS = tuple((section, flat) for flat, section in METRIC_SECTIONS)
+
+
+def mlflow_metric(name: str) -> str:
+    """The MLflow key of a metric: ``val_uar`` -> ``val/uar``, ``lr`` -> ``train/lr``."""
+    return _rename(name, METRIC_NAMES, METRIC_SECTIONS)
+
+
+def flat_metric(key: str) -> str:
+    """The inverse of :func:`mlflow_metric` (a key without a section is returned as it is)."""
+    return _rename(key, _FLAT_NAMES, _FLAT_SECTIONS)
+
+
+def flat_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A run's metrics under the flat names the trainable reports (``val/uar`` -> ``val_uar``)."""
+    return {flat_metric(k): v for k, v in metrics.items()}
 
 
 def default_tracking_uri(out_dir: Path) -> str:
@@ -234,7 +273,7 @@ def find_run_id(tracking_uri: str, experiment_name: str, key: str) -> str | None
 
 def has_result(run: Any) -> bool:
     """Whether a trial run finished with its test metrics (a trial that need never run again)."""
-    return run.info.status == "FINISHED" and RESULT_METRIC in run.data.metrics
+    return run.info.status == "FINISHED" and RESULT_METRIC in flat_metrics(run.data.metrics)
 
 
 def set_selected(client: Any, run_id: str, selected: bool, selection: str) -> None:
@@ -255,10 +294,11 @@ def recorded_result(tracking_uri: str, experiment_name: str, key: str) -> dict[s
     """
     client, runs = _runs_of_key(tracking_uri, experiment_name, key)
     for run in runs:
-        if RESULT_METRIC in run.data.metrics:
+        metrics = flat_metrics(run.data.metrics)
+        if RESULT_METRIC in metrics:
             if run.info.status != "FINISHED":
                 client.set_terminated(run.info.run_id, status="FINISHED")
-            return dict(run.data.metrics)
+            return metrics
     return None
 
 
@@ -388,7 +428,8 @@ class TrialLogger:
             self._client.log_batch(self.run_id, params=new[start : start + _MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> int:
-        """Log ``metrics`` at ``step`` in one batch, skipping keys already logged at ``>= step``.
+        """Log ``metrics`` (flat names, stored in sections: :func:`mlflow_metric`) at ``step`` in one
+        batch, skipping keys already logged at ``>= step``.
 
         Returns:
             The number of values written.
@@ -398,7 +439,7 @@ class TrialLogger:
         now = int(time.time() * 1000)
         batch = [
             Metric(key, float(value), now, int(step))
-            for key, value in metrics.items()
+            for key, value in ((mlflow_metric(k), v) for k, v in metrics.items())
             if value is not None and self._last_step.get(key, -1) < step
         ]
         if len(batch) < sum(v is not None for v in metrics.values()):

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from test_sweep import POOLED_SPACE, SPACE, _calls, _setup
 
+from orchestrator.tracking import flat_metrics, mlflow_metric
+
 TESTS_DIR = Path(__file__).resolve().parent
 
 
@@ -54,7 +56,7 @@ def _results(uri: str) -> tuple[set[str], list]:
 
     client = MlflowClient(uri)
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=1000)]
-    done = {r.data.tags["trial_key"] for r in runs if "test_uar" in r.data.metrics and "trial_key" in r.data.tags}
+    done = {r.data.tags["trial_key"] for r in runs if "test_uar" in flat_metrics(r.data.metrics) and "trial_key" in r.data.tags}
     return done, runs
 
 
@@ -152,6 +154,6 @@ def test_a_worker_sigkilled_mid_trial_is_retried_and_the_sweep_completes(tmp_pat
     assert attempts.count(died) == 2, "the trial died after epoch 1 and was tried again"
     assert all(attempts.count(k) == 1 for k in set(attempts) - {died})
     killed = next(r for r in trials if r.data.tags["trial_key"] == died)
-    assert "test_uar" in killed.data.metrics  # the retry finished it, in the same run
-    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "val_uar")]
+    assert "test_uar" in flat_metrics(killed.data.metrics)  # the retry finished it, in the same run
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, mlflow_metric("val_uar"))]
     assert sorted(steps) == list(range(4)), "a resumed trial logs each epoch once"

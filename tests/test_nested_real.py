@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from cache_fixture import write_tiny_cache
 
+from orchestrator.tracking import flat_metrics
+
 SPACE = """\
 datasets: [demo]
 archs: [cascaded_vit]
@@ -67,25 +69,28 @@ def test_nested_sweep_with_the_real_trainable_never_leaks_and_never_retrains(tmp
         mine = [r for r in runs if r.data.tags["fold"] == str(k)]
         chosen = [r for r in mine if r.data.tags["selected"] == "true"]
         assert len(chosen) == 1
-        best = max(r.data.metrics["best_val_uar"] for r in mine)
-        assert chosen[0].data.metrics["best_val_uar"] == best  # chosen on validation, never on test
+        best = max(flat_metrics(r.data.metrics)["best_val_uar"] for r in mine)
+        assert flat_metrics(chosen[0].data.metrics)["best_val_uar"] == best  # chosen on validation, never on test
         row = next(r for r in result.cv_rows if r["fold"] == k)
-        assert row["test_uar"] == chosen[0].data.metrics["test_uar"]
+        assert row["test_uar"] == flat_metrics(chosen[0].data.metrics)["test_uar"]
 
+    sections = ("train/", "val/", "test/", "time/")
+    for run in runs:  # MLflow pages: sectioned metric names, params that are hyperparameters only
+        assert all(key.startswith(sections) for key in run.data.metrics), sorted(run.data.metrics)
+        assert not {"cache_dir", "folds_file", "num_workers", "sweep", "stage"} & set(run.data.params)
+        assert not [k for k, v in run.data.params.items() if v == "None" or v.startswith("/")]
+        assert run.data.params["decoder_dropout"] == "0.3"  # the official preset's value, resolved
+        assert run.data.tags["runtime.cache_dir"] == str(cache.root)
     group = client.search_runs([result.experiment_id], filter_string="tags.stage = 'group'")[0]
     assert {"confusion_counts.png", "confusion_normalised.png"} <= {a.path for a in client.list_artifacts(
         group.info.run_id)}  # summed over the folds' chosen trials
-    assert {"cv_test_uar_mean", "cv_test_uar_std", "fold0_search_best_val_uar"} <= set(group.data.metrics)
-
-    import mlflow
+    assert {"cv_test_uar_mean", "cv_test_uar_std", "search_fold0_best_val_uar"} <= set(flat_metrics(group.data.metrics))
 
     version = client.get_model_version_by_alias("mtcae-nested-demo-cascaded_vit", "best")
     chosen = {r["run_id"] for r in result.cv_rows}
     assert version.tags["run_id"] in chosen and version.tags["sweep"] == "nested"
     assert version.tags["metric"] == "val_uar" and version.tags["fold"] in ("0", "1")
-    mlflow.set_tracking_uri(result.tracking_uri)
-    assert any(m.source_run_id in chosen for m in mlflow.search_logged_models(
-        experiment_ids=[result.experiment_id], output_format="list"))
+    assert any(m.source_run_id in chosen for m in client.search_logged_models(experiment_ids=[result.experiment_id]))
 
     again = run_sweep(space, out=tmp_path / "out", num_cpus=2, address="local")  # nothing left to train
     assert again.complete and again.cv_rows == result.cv_rows

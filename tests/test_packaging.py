@@ -20,7 +20,7 @@ from cache_fixture import TinyCache, write_tiny_cache
 import vocab
 from model import ModelConfig, build_model
 from orchestrator.data.settings import PreprocessSettings
-from orchestrator.tracking import make_client
+from orchestrator.tracking import make_client, mlflow_metric
 from orchestrator.trial.config import TrialConfig
 from orchestrator.trial.loop import MODEL_URI_TAG, run_trial
 from orchestrator.trial.packaging import (
@@ -93,7 +93,7 @@ def test_a_trial_logs_its_model_on_its_run(trained: dict) -> None:
     outputs = client.get_run(run.info.run_id).outputs.model_outputs
     assert [o.model_id for o in outputs] == [models[0].model_id]
     for key in ("val_uar", "test_uar"):  # logging the model doubles no metric point
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, mlflow_metric(key))]
         assert steps == ([0, 1] if key == "val_uar" else [0]), key
 
 

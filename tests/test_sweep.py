@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.tracking import flat_metrics, mlflow_metric
 from orchestrator.trial.config import TrialConfig
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -194,7 +195,7 @@ def _by_stage(runs) -> dict[str, list]:
 def _assert_no_duplicate_steps(client, runs) -> None:
     for run in runs:
         for key in ("val_uar", "val_loss"):
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, mlflow_metric(key))]
             assert sorted(steps) == list(range(EPOCHS)), (run.data.tags["trial_key"], key, steps)
 
 
@@ -236,7 +237,7 @@ def test_smoke_sweep_completes_with_the_right_mlflow_runs(smoke) -> None:
     for group in groups.values():
         assert group.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
         assert group.info.status == "FINISHED"
-        assert {"cv_test_uar_mean", "cv_test_uar_std"} <= set(group.data.metrics)
+        assert {"cv_test_uar_mean", "cv_test_uar_std"} <= set(flat_metrics(group.data.metrics))
         assert {"fold0.lr", "fold1.lr"} <= set(group.data.params)  # the choice of every outer fold
         plots = {a.path for study in ("fold0", "fold1") for a in client.list_artifacts(
             group.info.run_id, f"optuna/demo__{group.data.tags['arch']}__{study}")}
@@ -302,11 +303,11 @@ def test_each_outer_fold_reports_the_trial_its_own_study_chose(smoke) -> None:
             assert len(mine) == 2  # trained only on this outer fold
             chosen = [r for r in mine if r.data.tags["selected"] == "true"]
             assert len(chosen) == 1
-            assert chosen[0].data.metrics["best_val_uar"] == pytest.approx(study.best_value)
+            assert flat_metrics(chosen[0].data.metrics)["best_val_uar"] == pytest.approx(study.best_value)
             assert chosen[0].data.tags["trial_key"] == study.best_trial.user_attrs[f"fold{fold}_trial_key"]
             row = next(r for r in result.cv_rows if r["arch"] == arch and r["fold"] == fold)
             assert row["status"] == "done" and row["run_id"] == chosen[0].info.run_id
-            assert row["test_uar"] == pytest.approx(chosen[0].data.metrics["test_uar"])
+            assert row["test_uar"] == pytest.approx(flat_metrics(chosen[0].data.metrics)["test_uar"])
             choice = result.chosen[f"demo__{arch}__fold{fold}"]
             assert choice["params"]["lr"] == pytest.approx(study.best_trial.params["lr"])
             assert ("w_expr" in choice["params"]) == (arch == "cascaded_vit")
@@ -373,7 +374,7 @@ def _finished_keys(tracking_uri: str) -> set[str]:
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
     return {r.data.tags["trial_key"] for r in runs
-            if r.info.status == "FINISHED" and "test_uar" in r.data.metrics}
+            if r.info.status == "FINISHED" and "test_uar" in flat_metrics(r.data.metrics)}
 
 
 @pytest.mark.slow

@@ -18,7 +18,9 @@ from orchestrator.tracking import (
     TrialLogger,
     default_tracking_uri,
     ensure_experiment,
+    flat_metrics,
     get_or_create_run,
+    mlflow_metric,
     resolve_tracking_uri,
 )
 
@@ -103,7 +105,7 @@ def test_trial_logger_epochs_never_duplicate_steps(store):
     assert logger.log_epoch({"train_loss": 0.8, "val_uar": 0.3}, 1) == 2
     assert logger.log_epoch({"train_loss": 9.9, "val_uar": 9.9}, 1) == 0  # re-reported epoch
     client = MlflowClient(uri)
-    history = client.get_metric_history(logger.run_id, "train_loss")
+    history = client.get_metric_history(logger.run_id, mlflow_metric("train_loss"))
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.8)]
     assert client.get_run(logger.run_id).data.params == {
         "lr": "0.001", "epochs": "3", "fold": "0", "encoder_checkpoint": "None"}
@@ -122,7 +124,7 @@ def test_trial_logger_resume_reuses_run_and_keeps_params(store):
     assert client.get_run(resumed.run_id).info.status == "RUNNING"
     assert resumed.log_epoch({"val_loss": 0.95}, 1) == 0
     assert resumed.log_epoch({"val_loss": 0.7}, 2) == 1
-    steps = [m.step for m in client.get_metric_history(resumed.run_id, "val_loss")]
+    steps = [m.step for m in client.get_metric_history(resumed.run_id, mlflow_metric("val_loss"))]
     assert steps == [0, 1, 2]
     assert client.get_run(resumed.run_id).data.params == {"lr": "0.1", "epochs": "2"}
     resumed.finish()
@@ -139,7 +141,7 @@ def test_log_final_metrics_and_artifacts(store, tmp_path):
     client = MlflowClient(uri)
     run = client.get_run(logger.run_id)
     assert run.info.status == "FINISHED"
-    metrics = run.data.metrics
+    metrics = flat_metrics(run.data.metrics)
     assert metrics["test_recall_angry"] == pytest.approx(0.5)
     assert metrics["test_recall_happy"] == pytest.approx(1.0)
     assert metrics["test_recall_sad"] == pytest.approx(0.75)

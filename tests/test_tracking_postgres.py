@@ -35,7 +35,11 @@ from ray.autoscaler._private.command_runner import _with_interactive
 
 import vocab
 from orchestrator.report.results import load_runs
-from orchestrator.tracking import TrialLogger, ensure_experiment
+from orchestrator.tracking import (
+    TrialLogger,
+    ensure_experiment,
+    mlflow_metric,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "mtcae-test-pw"
@@ -157,7 +161,7 @@ def _check_four_trials(uri: str, run_ids: list[str]) -> None:
         {0: 0.5, 1: 0.6, 2: 0.7, 3: 0.8}
     client = MlflowClient(uri)
     for run_id in run_ids:
-        assert [m.step for m in client.get_metric_history(run_id, "val_uar")] == [0, 1, 2]
+        assert [m.step for m in client.get_metric_history(run_id, mlflow_metric("val_uar"))] == [0, 1, 2]
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert artifacts == {"confusion_matrix.png", "per_class_recall.csv", "predictions.csv"}
 

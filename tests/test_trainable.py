@@ -15,11 +15,11 @@ from cache_fixture import TinyCache, write_tiny_cache
 
 import vocab
 from orchestrator.cli import main
+from orchestrator.tracking import mlflow_metric
 from orchestrator.trial import checkpoint as ckpt_io
 from orchestrator.trial import data as td
 from orchestrator.trial.config import (
     SETTABLE_KEYS,
-    TRACKING_KEYS,
     TrialConfig,
     TrialConfigError,
 )
@@ -319,15 +319,21 @@ def test_mlflow_run_holds_exactly_the_expected_record(cache: TinyCache, tmp_path
                      "config_hash": cfg.config_hash, "trial_key": cfg.resolved_trial_key}
     assert {k: run[f"tags.{k}"] for k in expected_tags} == expected_tags
     params = {c[len("params."):] for c in runs.columns if c.startswith("params.")}
-    assert params == set(cfg.to_flat()) - TRACKING_KEYS
+    # the hyperparameters actually used: no runtime paths or worker counts, no None for a preset value
+    assert params == set(cfg.hparams()) - {"encoder_checkpoint"}
+    assert not {"cache_dir", "folds_file", "num_workers", "sweep", "stage"} & params
     assert run["params.lr"] == "0.001" and run["params.n_folds"] == "3"
+    assert run["params.decoder_heads"] == "3" and run["params.decoder_dropout"] == "0.3"  # official preset
+    assert run["tags.runtime.cache_dir"] == str(cache.root) and run["tags.runtime.num_workers"] == "0"
     metrics = {c[len("metrics."):] for c in runs.columns if c.startswith("metrics.")}
     recalls = {f"test_recall_{n}" for n in cache.class_names}
-    assert metrics == (set(EPOCH_METRICS) - {"epoch"}) | set(FINAL_METRICS) | recalls
+    flat = (set(EPOCH_METRICS) - {"epoch"}) | set(FINAL_METRICS) | recalls
+    assert metrics == {mlflow_metric(m) for m in flat}
+    assert all(m.split("/")[0] in ("train", "val", "test", "time") for m in metrics), sorted(metrics)
     client = MlflowClient(uri)
     for key in ("val_uar", "train_loss", "lr"):
-        assert [m.step for m in client.get_metric_history(run["run_id"], key)] == [0, 1], key
-    assert [m.step for m in client.get_metric_history(run["run_id"], "test_uar")] == [0]
+        assert [m.step for m in client.get_metric_history(run["run_id"], mlflow_metric(key))] == [0, 1], key
+    assert [m.step for m in client.get_metric_history(run["run_id"], mlflow_metric("test_uar"))] == [0]
     artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
     assert artifacts == {"confusion_matrix.png", "per_class_recall.csv", "predictions.csv"}
 
@@ -548,3 +554,14 @@ def test_the_tested_weights_are_the_selected_epochs_not_the_last(cache: TinyCach
 
     assert metrics["test_loss"] == pytest.approx(test_loss(weights[best]), rel=1e-6)
     assert metrics["test_loss"] != pytest.approx(test_loss(weights[-1]), rel=1e-6)
+
+
+def test_cli_train_into_an_unwritable_out_is_one_sentence(cache: TinyCache, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # a path under a regular file cannot be created, even by root
+    args = ["train", "--cache", str(cache.root), "--arch", "stl", "--epochs", "1", "--set", "encoder=tiny",
+            "--set", "n_folds=3", "--set", "batch_size=4", "--out", str(blocker / "out"), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write" in err and str(blocker) in err

@@ -42,6 +42,7 @@ from orchestrator.tracking import (
     TAG_STAGE,
     TAG_SWEEP,
     TAG_TRIAL_KEY,
+    flat_metrics,
     make_client,
     sqlite_path,
 )
@@ -124,7 +125,7 @@ def _run_row(run, experiment_name: str) -> dict:
         "start_time": info.start_time,
         "end_time": info.end_time,
     }
-    row.update(run.data.metrics)
+    row.update(flat_metrics(run.data.metrics))
     row.update({f"param.{k}": v for k, v in run.data.params.items()})
     return row
 

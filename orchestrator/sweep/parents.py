@@ -67,7 +67,7 @@ def log_to_run(tracking_uri: str, run_id: str, params: Mapping[str, Any] = (),
     run = client.get_run(run_id)
     new = [Param(str(k), str(v)[:6000]) for k, v in dict(params).items() if str(k) not in run.data.params]
     now = int(time.time() * 1000)
-    values = [Metric(str(k), float(v), now, 0) for k, v in dict(metrics).items()]
+    values = [Metric(tracking.mlflow_metric(str(k)), float(v), now, 0) for k, v in dict(metrics).items()]
     if new or values:
         client.log_batch(run_id, params=new, metrics=values)
     if status == "RUNNING":

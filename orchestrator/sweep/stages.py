@@ -190,7 +190,8 @@ def _select_nested(run: SweepRun, parents: Parents, study: Study) -> dict[str, A
     metric, sign = run.space.metric, 1.0 if run.space.mode == "max" else -1.0
 
     def score(r: Any) -> float:
-        value = r.data.metrics.get(f"best_{metric}", r.data.metrics.get(metric, math.nan))
+        values = tracking.flat_metrics(r.data.metrics)
+        value = values.get(f"best_{metric}", values.get(metric, math.nan))
         return -math.inf if math.isnan(value) else sign * value
 
     done = sorted((r for r in runs if tracking.has_result(r)), key=lambda r: r.data.tags[tracking.TAG_TRIAL_KEY])
@@ -203,13 +204,14 @@ def _select_nested(run: SweepRun, parents: Parents, study: Study) -> dict[str, A
         tracking.set_selected(client, r.info.run_id, r is best, vocab.SELECTION_NESTED)
     params = {k: _param_value(best.data.params.get(k)) for k in _searched_names(run.space, study)}
     params = {k: v for k, v in params.items() if v is not None}
-    choice = {"params": params, "score": best.data.metrics.get(f"best_{metric}"), "completed": len(done),
+    chosen = tracking.flat_metrics(best.data.metrics)
+    choice = {"params": params, "score": chosen.get(f"best_{metric}"), "completed": len(done),
               "run_id": best.info.run_id, "trial_key": best.data.tags[tracking.TAG_TRIAL_KEY],
               "fold": study.outer_fold, "dataset": study.dataset, "arch": study.arch}
-    choice.update({m: best.data.metrics[m] for m in ("test_uar", "test_war") if m in best.data.metrics})
+    choice.update({m: chosen[m] for m in ("test_uar", "test_war") if m in chosen})
     log_to_run(run.context.tracking_uri, parents.group_runs[study.group],
                params={f"fold{study.outer_fold}.{k}": v for k, v in params.items()},
-               metrics={f"fold{study.outer_fold}_search_best_{metric}": choice["score"]})
+               metrics={f"search_fold{study.outer_fold}_best_{metric}": choice["score"]})
     return choice
 
 
@@ -404,11 +406,12 @@ def register_group_model(run: SweepRun, client: Any, dataset: str, arch: str, ru
     from orchestrator.trial.packaging import register_best_model
 
     metric, sign = run.space.metric, 1.0 if run.space.mode == "max" else -1.0
-    runs = [client.get_run(i) for i in run_ids]
-    best = max(runs, key=lambda r: sign * r.data.metrics.get(f"best_{metric}", -sign * math.inf))
+    runs = {i: tracking.flat_metrics(client.get_run(i).data.metrics) for i in run_ids}
+    best_id = max(runs, key=lambda i: sign * runs[i].get(f"best_{metric}", -sign * math.inf))
+    best = client.get_run(best_id)
     try:
-        version = register_best_model(run.context.tracking_uri, best.info.run_id, run.name, dataset, arch,
-                                      int(best.data.tags["fold"]), metric, best.data.metrics.get(f"best_{metric}"))
+        version = register_best_model(run.context.tracking_uri, best_id, run.name, dataset, arch,
+                                      int(best.data.tags["fold"]), metric, runs[best_id].get(f"best_{metric}"))
     except LookupError as err:
         logger.info("[%s] %s/%s: no model registered (%s)", run.name, dataset, arch, err)
         return
