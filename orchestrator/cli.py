@@ -558,9 +558,9 @@ def _add_demo_data(sub: argparse._SubParsersAction) -> None:
         "running the pipeline without RAVDESS; not real emotion data.",
     )
     p.add_argument("--out", required=True, type=Path, help="dataset root to write")
-    p.add_argument("--actors", type=int, default=10, help="synthetic actors (default: 10)")
-    p.add_argument("--clips-per-class", type=int, default=2,
-                   help="clips per actor and class (default: 2)")
+    p.add_argument("--actors", type=int, default=20, help="synthetic actors (default: 20)")
+    p.add_argument("--clips-per-class", type=int, default=1,
+                   help="clips per actor and class (default: 1)")
     p.add_argument("--size", type=int, default=224, help="frame side in pixels, even (default: 224)")
     p.add_argument("--frames", type=int, default=40, help="frames per video (default: 40)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
