@@ -519,3 +519,34 @@ def test_ray_tasks_when_ray_is_initialised(tmp_path: Path) -> None:
         ray.shutdown()
     assert summary.counts == {"partial": 2, "failed": 1}
     assert len(load_manifest(tmp_path / "cache")) == 2
+
+
+def test_preprocessing_tasks_ask_for_a_gpu_share_whenever_the_cluster_has_gpus() -> None:
+    from orchestrator.data.preprocess import GPU_SHARE, ray_task_options
+
+    head_without_gpu = {"CPU": 0.0}  # what the driver sees of itself does not matter, the cluster does
+    assert ray_task_options("auto", {**head_without_gpu, "GPU": 4.0})["num_gpus"] == GPU_SHARE
+    assert ray_task_options("auto", {"CPU": 16.0})["num_gpus"] == 0
+    assert ray_task_options("cpu", {"CPU": 16.0, "GPU": 4.0})["num_gpus"] == 0
+    assert ray_task_options("cuda:0", {"CPU": 16.0})["num_gpus"] == GPU_SHARE
+    assert ray_task_options("auto", {"GPU": 1.0})["scheduling_strategy"] == "SPREAD"
+
+
+@pytest.mark.slow
+def test_preprocessing_as_ray_tasks_on_a_cluster_that_advertises_a_gpu(tmp_path: Path) -> None:
+    """A real local Ray that advertises one GPU (torch here has no CUDA): every task asks for a GPU
+    share, Ray schedules them, and each resolves its device on its own node (CPU here)."""
+    import ray
+
+    from orchestrator.data.demo import generate_demo_dataset
+    from orchestrator.data.preprocess import run_preprocess
+    from orchestrator.data.settings import PreprocessSettings
+
+    generate_demo_dataset(tmp_path / "demo", actors=2, size=96, num_frames=20)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_preprocess("demo", tmp_path / "demo", tmp_path / "cache", PreprocessSettings(size=64),
+                                 use_ray=True, progress=False)
+    finally:
+        ray.shutdown()
+    assert summary.processed == 14 and summary.usable == 14 and not summary.failures

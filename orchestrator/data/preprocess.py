@@ -69,7 +69,7 @@ from orchestrator.data.datasets import (
     class_counts,
     get_dataset,
 )
-from orchestrator.data.faces import get_detector, resolve_device, select_faces
+from orchestrator.data.faces import get_detector, select_faces
 from orchestrator.data.settings import PreprocessSettings
 from orchestrator.data.video import (
     ClipError,
@@ -540,6 +540,21 @@ def _want_ray(use_ray: bool | None) -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
+GPU_SHARE = 0.25  # four MTCNN tasks share one GPU (the detector is small; decoding needs the CPUs)
+
+
+def ray_task_options(device: str, cluster: dict[str, float]) -> dict[str, object]:
+    """Resources of one preprocessing task: a GPU share whenever the *cluster* has GPUs.
+
+    The device is decided by the cluster, not by the driver: on a CPU-only head of a GPU cluster,
+    ``auto`` still sends MTCNN to the GPU workers (each task resolves ``auto`` on its own node,
+    where Ray has made its GPU share visible). ``cpu`` keeps every task off the GPUs. Tasks are
+    spread over the nodes.
+    """
+    wants_gpu = device.startswith("cuda") or (device == "auto" and cluster.get("GPU", 0) > 0)
+    return {"num_cpus": 1, "num_gpus": GPU_SHARE if wants_gpu else 0, "scheduling_strategy": "SPREAD"}
+
+
 def _run_ray(tasks: list[Task], root: str, out: Path, settings: PreprocessSettings, device: str,
              workers: int | None, journal: _Journal, progress: bool) -> None:
     """Ray tasks (``root`` and ``out`` must be on storage every node sees)."""
@@ -547,8 +562,7 @@ def _run_ray(tasks: list[Task], root: str, out: Path, settings: PreprocessSettin
 
     if not ray.is_initialized():
         ray.init()
-    use_gpu = resolve_device(device).startswith("cuda")
-    remote = ray.remote(num_cpus=1, num_gpus=0.25 if use_gpu else 0)(_call)
+    remote = ray.remote(**ray_task_options(device, ray.cluster_resources()))(_call)
     limit = workers or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     bar = _progress(sum(len(t) for t in tasks), progress)
     done = _make_reporter(journal, bar)
