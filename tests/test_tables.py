@@ -279,6 +279,7 @@ def test_exports_and_parent_artifacts(store, tmp_path):
         store["parent"], "tables")}
     assert logged == names
     assert "Table 1" in report.markdown and "Table 2" in report.markdown
+    assert "chance UAR (1 / classes): RAVDESS 50.00" in report.markdown  # the fixture logs 2 class recalls
 
 
 def test_make_tables_without_parent_or_runs(store, tmp_path):

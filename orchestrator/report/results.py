@@ -33,6 +33,7 @@ import vocab
 from orchestrator.report import paper
 from orchestrator.tracking import (
     PARENT_RUN_TAG,
+    RECALL_PREFIX,
     TAG_ARCH,
     TAG_CONFIG_HASH,
     TAG_DATASET,
@@ -292,7 +293,8 @@ def aggregate(runs: pd.DataFrame, n_folds: int | None = None) -> pd.DataFrame:
         n_folds: expected folds per group; default: the runs' ``n_folds`` param, else 5.
 
     Returns:
-        One row per (dataset, arch): ``config_hash``, ``protocol`` (:func:`protocol`), ``n_configs``, ``folds_expected``,
+        One row per (dataset, arch): ``config_hash``, ``protocol`` (:func:`protocol`), ``n_configs``,
+        ``n_classes`` (per-class recalls logged; chance UAR is 100 / n_classes), ``folds_expected``,
         ``folds_done``, ``folds_missing``/``folds_failed``/``folds_running`` (comma-separated fold
         indices), ``uar_mean``, ``uar_std``, ``war_mean``, ``war_std``, ``accuracy_mean``,
         ``accuracy_std`` (percent), ``complete`` (all expected folds done).
@@ -306,8 +308,9 @@ def aggregate(runs: pd.DataFrame, n_folds: int | None = None) -> pd.DataFrame:
             h: _summarise_config(g, n_folds) for h, g in group.groupby("config_hash", sort=False)
         }
         best = max(configs, key=lambda h: _selection_key(configs[h]))
+        classes = [c for c in group.columns if c.startswith(RECALL_PREFIX) and group[c].notna().any()]
         rows.append({"dataset": dataset, "arch": arch, "config_hash": best, "protocol": protocol(group),
-                     "n_configs": len(configs), **configs[best]})
+                     "n_configs": len(configs), "n_classes": len(classes) or np.nan, **configs[best]})
     agg = pd.DataFrame(rows)
     agg["complete"] = agg["folds_done"] >= agg["folds_expected"]
     return _sort_groups(agg).drop(columns="select_score")

@@ -110,6 +110,18 @@ def protocol_notes(agg: pd.DataFrame) -> list[str]:
     return [PROTOCOL_NOTES[p] for p in sorted(protocols) if p in PROTOCOL_NOTES]
 
 
+def chance_note(agg: pd.DataFrame) -> str:
+    """``chance UAR (1 / classes): RAVDESS 14.29, ...`` for the datasets whose class count is known."""
+    if "n_classes" not in agg:
+        return ""
+    parts = []
+    for dataset in sorted(agg["dataset"].unique(), key=dataset_rank):
+        counts = agg.loc[agg["dataset"] == dataset, "n_classes"].dropna()
+        if len(counts):
+            parts.append(f"{paper.dataset_display(dataset)} {SCALE / counts.max():.2f}")
+    return f"chance UAR (1 / classes): {', '.join(parts)}" if parts else ""
+
+
 def _notes_for_groups(agg: pd.DataFrame) -> list[str]:
     notes = protocol_notes(agg)
     for row in agg.itertuples():
@@ -167,6 +179,9 @@ def table1(agg: pd.DataFrame) -> Table:
     frame = pd.DataFrame(cells)
     mark_frame = pd.DataFrame({k: marks.get(k, [""] * len(archs)) for k in cells})
     notes = _notes_for_groups(agg)
+    chance = chance_note(agg)
+    if chance:
+        notes.append(chance)
     if any(dataset not in paper.DATASETS for dataset in datasets):
         notes.append("n/a: the paper reports no result for this dataset")
     align = ["l", "l"] + ["r"] * (frame.shape[1] - 2)
