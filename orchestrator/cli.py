@@ -282,6 +282,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", choices=["all", *vocab.STAGES], default="all",
                    help="run only one stage of the space's protocol (default: %(default)s)")
     p.add_argument("--no-tables", action="store_true", help="do not write the result tables at the end")
+    p.add_argument("--trainable", default=None, metavar="MODULE:FUNCTION",
+                   help="the trial function, importable on every node (default: "
+                   "orchestrator.trial.entrypoints:train_trial); for tests and custom trainables")
     p.set_defaults(handler=_run_sweep)
 
 
@@ -298,10 +301,11 @@ def _run_sweep(args: argparse.Namespace) -> int:
             cache=args.cache, data_root=args.data_root, tracking_uri=args.tracking_uri,
             experiment=args.experiment, address=args.address, num_cpus=args.num_cpus,
             gpus_per_trial=args.gpus_per_trial, stages=stages, write_tables=not args.no_tables,
+            trainable=args.trainable,
         )
-    except SweepInterrupted as err:
+    except SweepInterrupted as err:  # Ctrl+C, SIGTERM, `ray job stop`: 128 + the signal, as a shell
         print(f"mtcae sweep: {err}", file=sys.stderr)
-        return 130
+        return 128 + err.signum
     except (SearchSpaceError, SweepError) as err:
         print(f"mtcae sweep: {err}", file=sys.stderr)
         return 2
@@ -334,7 +338,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         result = run_demo(args.out, num_cpus=args.num_cpus)
     except SweepError as err:
         print(f"mtcae demo: {err}", file=sys.stderr)
-        return 130 if isinstance(err, SweepInterrupted) else 2
+        return 128 + err.signum if isinstance(err, SweepInterrupted) else 2
     if result.tables_markdown:
         print(result.tables_markdown)
     print(result.summary())
