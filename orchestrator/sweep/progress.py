@@ -4,7 +4,7 @@ The view says how many trials are done / running / pending / failed (pending cou
 created yet), the elapsed time, an ETA and the best ``metric`` so far per (dataset, arch) group. On
 a terminal it is a block of lines rewritten in place below the log (log records are printed above
 it); elsewhere (``ray job logs``, a file) it is one summary line, at most every ``interval_s``
-seconds and when a trial ends. Every reported epoch of every trial is one log line (trial, epoch/N,
+seconds, and the full view at the end of the stage. Every reported epoch of every trial is one log line (trial, epoch/N,
 train loss, validation metric), so a long trial is never silent.
 
 ETA: the mean wall time of the trials finished in this Tune run times the trials not finished,
@@ -39,7 +39,7 @@ class SweepProgress(tune.Callback):
         stage: ``search`` or ``cv``.
         metric: The selection metric (``val_uar``); ``mode`` its direction.
         folds_per_config: Folds a configuration trains on (pooled selection: its score is their mean).
-        interval_s: Seconds between views while nothing finishes (plain output).
+        interval_s: Least seconds between two summary lines (plain output; a terminal redraws every second).
         total: Trials the stage runs at most (trials not created yet count as pending).
         epochs: Epochs of a trial (``epoch k/N`` in the epoch lines).
         stream: Where a terminal view goes (default ``sys.stderr``); plain output goes to the log.
@@ -83,15 +83,15 @@ class SweepProgress(tune.Callback):
         self._maybe_show(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        """Record the trial's duration; view."""
+        """Record the trial's duration; the (throttled) view."""
         self._record_duration(trial)
-        self._show(trials)
+        self._maybe_show(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """Name the failed trial and its error file, then the view."""
         logger.warning("[%s] trial %s (%s) failed: %s", self.sweep, trial.trial_id,
                        _trial_label(trial.config), trial.error_file or "no error file")
-        self._show(trials)
+        self._maybe_show(trials)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Final view of the stage, as plain lines."""
