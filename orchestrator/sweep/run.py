@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.sweep.caches import build_caches, check_folds, preflight, sweep_folds
-from orchestrator.sweep.cluster import init_ray, is_local
+from orchestrator.sweep.cluster import init_ray, is_local, pending_trials
 from orchestrator.sweep.errors import SweepError, SweepInterrupted
 from orchestrator.sweep.parents import (
     Parents,
@@ -200,7 +200,8 @@ def _run(space: SweepSpace, name: str, settings: dict[str, str], sweep_dir: Path
     run = make_run(space, name, settings, sweep_dir, state, parents, trainable, gpus_per_trial,
                    local=is_local(mode), reuse_actors=reuse_actors,
                    progress_interval_s=progress_interval_s, folds_files=folds_files)
-    return run_stages(run, parents, stages or sweep_stages(space))
+    with pending_trials(run.resources):
+        return run_stages(run, parents, stages or sweep_stages(space))
 
 
 def _close_runs(tracking_uri: str, parents: Parents, sweep: str, status: str) -> None:
