@@ -360,19 +360,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="run only these benchmarks (preprocess, encoder, decoder_step, trial, sweep)")
     p.add_argument("--out", type=Path, default=None,
                    help="directory for report.json and report.md (default: the benchmarks package)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the results of the existing report.json that this run does not measure")
     p.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from benchmarks import DEFAULT_OUT, run_all, summary_lines
+    from benchmarks import DEFAULT_OUT, any_errors, run_all, summary_lines
 
     try:
-        report = run_all(quick=args.quick, only=args.only, out_dir=args.out or DEFAULT_OUT)
+        report = run_all(quick=args.quick, only=args.only, out_dir=args.out or DEFAULT_OUT,
+                         merge=args.merge)
     except ValueError as err:
         print(f"mtcae bench: {err}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(report)))
-    return 1 if any(r.get("error") for r in report["results"]) else 0
+    return 1 if any_errors(report) else 0
 
 
 @subcommand
