@@ -161,6 +161,7 @@ def run_sweep(
     try:
         with stop.on_sigterm():
             mode = init_ray(address, num_cpus)
+            stop.install()  # again: ray.init puts its own SIGTERM handler (a stack dump, then abort)
             result = _run(space, name, settings, sweep_dir, state, parents, trainable, gpus_per_trial,
                           mode, reuse_actors, progress_interval_s, data_root, check_caches, stages)
     except BaseException as err:  # no run stays RUNNING after a stop or a failure
@@ -220,6 +221,7 @@ class _Stop:
 
     def __init__(self, close: Callable[[str], None]) -> None:
         self.signum: int | None = None
+        self._installed = False
         self._close = close
         self._thread: threading.Thread | None = None
 
@@ -228,11 +230,19 @@ class _Stop:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.signal(signal.SIGTERM, self._handle)
+        previous = signal.getsignal(signal.SIGTERM)
+        self.install()
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if self._installed:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def install(self) -> None:
+        """(Re)install the handler; only in the main thread (elsewhere signals cannot be caught)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
 
     def _handle(self, signum: int, frame: Any) -> None:
         first = self.signum is None
