@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -92,7 +94,8 @@ class LocalRayCluster:
     """A head (0 CPUs: it only schedules and runs drivers) and worker nodes, on loopback addresses.
 
     Attributes:
-        root: Folder for the nodes' temp dirs and ``ray start`` logs.
+        root: Folder for the nodes' ``ray start`` logs (their temp dirs go under a short
+            ``/tmp/mtcae_ray_*``, removed by :meth:`stop`).
         env: Extra environment of every node (``PYTHONPATH`` so workers import the trainables).
         dashboard: Start the head's dashboard (needed by ``ray job submit``; requires ``ray[default]``).
     """
@@ -103,6 +106,7 @@ class LocalRayCluster:
     nodes: list[Node] = field(default_factory=list)
     port: int = 0
     dashboard_port: int = 0
+    _temp_root: Path | None = None
 
     @property
     def address(self) -> str:
@@ -118,8 +122,11 @@ class LocalRayCluster:
         return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **self.env}
 
     def _start(self, name: str, ip: str, cpus: int, args: list[str]) -> Node:
-        temp_dir = Path(self.root) / name
+        if self._temp_root is None:  # short: Ray's socket paths must fit in 107 bytes
+            self._temp_root = Path(tempfile.mkdtemp(prefix="mtcae_ray_"))
+        temp_dir = self._temp_root / name
         log_file = Path(self.root) / f"{name}.log"
+        Path(self.root).mkdir(parents=True, exist_ok=True)
         temp_dir.mkdir(parents=True, exist_ok=True)
         cmd = [_ray_cli(), "start", "--block", f"--num-cpus={cpus}", f"--node-ip-address={ip}",
                f"--temp-dir={temp_dir}", "--disable-usage-stats", *args]
@@ -201,6 +208,9 @@ class LocalRayCluster:
             except subprocess.TimeoutExpired:
                 log.warning("ray node %s (pid %d) did not exit", node.name, node.process.pid)
         self.nodes.clear()
+        if self._temp_root is not None:
+            shutil.rmtree(self._temp_root, ignore_errors=True)
+            self._temp_root = None
 
     def __enter__(self) -> LocalRayCluster:
         return self
