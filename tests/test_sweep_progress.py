@@ -90,3 +90,17 @@ def test_trial_runs_are_tagged_with_trial_id_node_and_checkpoint_and_failed_at_o
     assert tags["ray_checkpoint_uri"] == str(tmp_path / "ckpt")
     other = client.get_run(runs[1])
     assert other.info.status == "FAILED" and "ray_node_ip" not in other.data.tags  # recorded: nothing ran
+
+
+def test_a_view_pickled_by_an_older_version_still_restores() -> None:
+    import pickle
+
+    from orchestrator.sweep.progress import SweepProgress
+
+    progress = SweepProgress("s", vocab.STAGE_SEARCH, "val_uar", "max", total=2, stream=_Terminal())
+    state = pickle.loads(pickle.dumps(progress)).__dict__
+    assert state["_stream"] is None and state["total"] == 2  # streams are not pickled
+    old = SweepProgress.__new__(SweepProgress)  # what a Tune run started before this version holds
+    old.__setstate__({"sweep": "s", "stage": vocab.STAGE_SEARCH, "metric": "val_uar", "mode": "max",
+                      "folds_per_config": 1, "interval_s": 30.0, "_last": 0.0, "_last_text": ""})
+    assert old.summary([_trial("RUNNING")]).startswith("[s] search: 0 done, 1 running, 0 pending")

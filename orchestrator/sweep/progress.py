@@ -61,6 +61,12 @@ class SweepProgress(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:  # the Tuner pickles its callbacks; streams do not pickle
         return {**self.__dict__, "_stream": None, "_live": None}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore, also from the pickle of an older version of this class (a resumed Tune run)."""
+        defaults = {"total": None, "epochs": None, "_stream": None, "_live": None, "_durations": {},
+                    "_start": time.monotonic(), "_last": 0.0, "_last_text": ""}
+        self.__dict__.update({**defaults, **state})
+
     # ----------------------------------------------------------------------------- Tune hooks
 
     def setup(self, **info: Any) -> None:
