@@ -53,10 +53,17 @@ def test_on_a_terminal_the_view_is_rewritten_in_place_below_the_log() -> None:
         progress.on_step_end(0, trials)
         first = terminal.getvalue()
         assert first.count("\n") == 2 and first.startswith("[s] search: 0 done, 1 running, 3 pending, 0 failed")
-        progress.on_trial_result(1, trials, trials[0], {"epoch": 0, "train_loss": 1.0, "val_uar": 0.4})
+        logging.getLogger("orchestrator.sweep").warning("a log record")
         again = terminal.getvalue()[len(first):]
-        # the block goes (cursor up 2 lines, clear), the epoch line is printed, the block comes back
-        assert again.startswith("\x1b[2F\x1b[J") and "epoch 1/3" in again.splitlines()[0]
+        # the block goes (cursor up 2 lines, clear), the record is printed, the block comes back
+        assert again.startswith("\x1b[2F\x1b[J") and again.splitlines()[0].endswith("a log record")
+        assert again.splitlines()[1:] == first.splitlines()
+        progress._last = 0.0  # as if a second had passed
+        progress.on_trial_result(1, trials, trials[0], {"epoch": 0, "train_loss": 1.0, "val_uar": 0.4})
+        block = terminal.getvalue()[len(first) + len(again):]
+        # redrawn with the running trial's latest epoch as its last line; nothing logged per epoch
+        assert block.startswith("\x1b[2F\x1b[J") and len(block.splitlines()) == 3
+        assert block.splitlines()[-1].endswith("epoch 1/3  train_loss 1.0000  val_uar 0.4000")
         progress.on_experiment_end(trials)
         assert root.handlers.count(handler) == 1  # the terminal's own handler is back
     finally:

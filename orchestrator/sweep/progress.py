@@ -1,11 +1,12 @@
 """The sweep's live progress: a Tune callback drawing one compact view and one line per trial epoch.
 
 The view says how many trials are done / running / pending / failed (pending counts the trials not
-created yet), the elapsed time, an ETA and the best ``metric`` so far per (dataset, arch) group. On
-a terminal it is a block of lines rewritten in place below the log (log records are printed above
-it); elsewhere (``ray job logs``, a file) it is one summary line, at most every ``interval_s``
-seconds, and the full view at the end of the stage. Every reported epoch of every trial is one log line (trial, epoch/N,
-train loss, validation metric), so a long trial is never silent.
+created yet), the elapsed time, an ETA and the best ``metric`` so far per (dataset, arch) group.
+Every reported epoch of a trial is a line (trial, epoch/N, train loss, validation metric), so a long
+trial is never silent. On a terminal the view is a block rewritten in place below the log (log
+records print above it), ending with the latest epoch line of each running trial. Elsewhere
+(``ray job logs``, a file) every epoch line is logged, the summary is one line at most every
+``interval_s`` seconds, and the full view is logged at the end of the stage.
 
 ETA: the mean wall time of the trials finished in this Tune run times the trials not finished,
 divided by the trials running at once (at least one); none before a trial finished.
@@ -56,6 +57,7 @@ class SweepProgress(tune.Callback):
         self._last = 0.0
         self._last_text = ""
         self._durations: dict[str, float] = {}
+        self._latest: dict[str, str] = {}
         self._live: _LiveBlock | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # the Tuner pickles its callbacks; streams do not pickle
@@ -64,7 +66,7 @@ class SweepProgress(tune.Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore, also from the pickle of an older version of this class (a resumed Tune run)."""
         defaults = {"total": None, "epochs": None, "_stream": None, "_live": None, "_durations": {},
-                    "_start": time.monotonic(), "_last": 0.0, "_last_text": ""}
+                    "_start": time.monotonic(), "_last": 0.0, "_last_text": "", "_latest": {}}
         self.__dict__.update({**defaults, **state})
 
     # ----------------------------------------------------------------------------- Tune hooks
@@ -80,7 +82,9 @@ class SweepProgress(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         """One line per reported epoch, then the (throttled) view."""
         line = self.epoch_line(trial, result)
-        if line:
+        if line and self._live is not None:  # a terminal: the block shows each running trial's epoch
+            self._latest[trial.trial_id] = line
+        elif line:
             logger.info("%s", line)
         self._maybe_show(trials)
 
@@ -209,7 +213,9 @@ class SweepProgress(tune.Callback):
     def _show(self, trials: Sequence[Any]) -> None:
         self._last = time.monotonic()
         if self._live is not None:
-            self._live.draw(self.render(trials))
+            running = [self._latest[t.trial_id] for t in trials
+                       if t.status == "RUNNING" and t.trial_id in self._latest]
+            self._live.draw("\n".join([self.render(trials), *running]))
             return
         text = self.summary(trials) + "".join(
             f" | {label} {best}" for label, members in self._groups(trials).items()

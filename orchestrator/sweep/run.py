@@ -156,6 +156,7 @@ def run_sweep(
     # warns about each, harmlessly (it only matters for huge experiments).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune boxes: progress.py draws the view
+    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)  # no "wrote ... to <path>" per run
     stop = _Stop(lambda status: _close_runs(settings["tracking_uri"], parents, name, status))
     mode = None
     try:
