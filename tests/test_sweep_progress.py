@@ -111,3 +111,20 @@ def test_a_view_pickled_by_an_older_version_still_restores() -> None:
     old.__setstate__({"sweep": "s", "stage": vocab.STAGE_SEARCH, "metric": "val_uar", "mode": "max",
                       "folds_per_config": 1, "interval_s": 30.0, "_last": 0.0, "_last_text": ""})
     assert old.summary([_trial("RUNNING")]).startswith("[s] search: 0 done, 1 running, 0 pending")
+
+
+def test_tune_may_keep_as_many_trials_pending_as_the_cluster_holds(tmp_path: Path) -> None:
+    from orchestrator.sweep.cluster import trial_slots
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 0.0}},  # the head schedules nothing
+             {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+             {"Alive": True, "Resources": {"CPU": 2.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0}}]
+    missing = tmp_path / "none.yaml"
+    assert trial_slots({"cpu": 1.0, "gpu": 0.0}, nodes, missing) == 10
+    assert trial_slots({"cpu": 4.0, "gpu": 1.0}, nodes, missing) == 1
+    assert trial_slots({"cpu": 1.0, "gpu": 0.5}, nodes[:1], missing) == 1  # never 0
+    launcher = tmp_path / "ray_bootstrap_config.yaml"
+    launcher.write_text("available_node_types:\n  head: {resources: {CPU: 0}, max_workers: 0}\n"
+                        "  gpu: {resources: {CPU: 8, GPU: 1}, max_workers: 8}\n")
+    assert trial_slots({"cpu": 4.0, "gpu": 0.5}, nodes, launcher) == 2 + 8 * 2  # what autoscaling adds

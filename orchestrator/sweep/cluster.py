@@ -61,17 +61,22 @@ def trial_resources(space: SweepSpace, gpus_per_trial: float | None, local: bool
     return {"cpu": cpu, "gpu": float(gpu)}
 
 
-def trial_slots(resources: Mapping[str, float], config: Path = Path("~/ray_bootstrap_config.yaml")) -> int:
-    """How many trials of ``resources`` the cluster holds at once: its nodes now, plus the workers its
-    launcher config may still start (``max_workers`` of each node type); at least 1."""
-    import ray
+def trial_slots(resources: Mapping[str, float], nodes: list[dict] | None = None,
+                config: Path = Path("~/ray_bootstrap_config.yaml")) -> int:
+    """How many trials of ``resources`` the cluster holds at once: its nodes now (``ray.nodes()``),
+    plus the workers its launcher config may still start (``max_workers`` of each node type); at
+    least 1."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
 
     def fits(node: Mapping[str, float]) -> int:
         asked = {"CPU": resources.get("cpu", 0.0), "GPU": resources.get("gpu", 0.0)}
         counts = [math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in asked.items() if v > 0]
         return min(counts) if counts else 0
 
-    slots = sum(fits(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive"))
+    slots = sum(fits(n.get("Resources", {})) for n in nodes if n.get("Alive"))
     for node_type in _launcher_node_types(config).values():
         slots += int(node_type.get("max_workers", 0)) * fits(node_type.get("resources") or {})
     return max(slots, 1)
