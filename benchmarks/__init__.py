@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -76,14 +77,16 @@ def run_benchmark(name: str, quick: bool) -> tuple[list[Result], dict[str, Any]]
     return results, {"status": status, "duration_s": time.perf_counter() - start, "notes": notes}
 
 
-def run_all(quick: bool = False, only: Sequence[str] | None = None, out_dir: Path | None = DEFAULT_OUT
-            ) -> dict[str, Any]:
+def run_all(quick: bool = False, only: Sequence[str] | None = None, out_dir: Path | None = DEFAULT_OUT,
+            merge: bool = False) -> dict[str, Any]:
     """Run the benchmarks and write ``report.json`` + ``report.md``.
 
     Args:
         quick: Few-minute settings for a 2-core CPU (the full run is for a GPU machine).
         only: Benchmark names to run (default: every module of :data:`BENCHMARKS` that exists).
         out_dir: Where the report goes; None writes nothing.
+        merge: Keep the results of ``out_dir/report.json`` that this run did not measure again
+            (by result name); the report's notes say which run measured what.
 
     Returns:
         The report dict (also what ``report.json`` holds).
@@ -122,10 +125,32 @@ def run_all(quick: bool = False, only: Sequence[str] | None = None, out_dir: Pat
     report["matmul_peak"] = recorded_peaks()
     add_run_best_fractions(report["results"], report["matmul_peak"])
     report["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if merge and out_dir is not None and (Path(out_dir) / "report.json").is_file():
+        report = merge_reports(json.loads((Path(out_dir) / "report.json").read_text()), report)
     if out_dir is not None:
         for path in write_report(report, Path(out_dir)):
             log.info("wrote %s", path)
     return report
+
+
+def merge_reports(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with the results of ``old`` it did not measure again (by name), in ``old``'s order."""
+    fresh = {r["name"]: r for r in new["results"]}
+    results = [fresh.pop(r["name"], r) for r in old["results"]] + list(fresh.values())
+    notes = list(dict.fromkeys([*old.get("notes", []), *new["notes"]]))
+    notes.append(f"Merged report: {', '.join(r['name'] for r in new['results'])} measured by "
+                 f"`{new['command']} --merge` on {new['started']}; the other results by "
+                 f"`{old['command']}` on {old['started']}.")
+    return {**new, "command": f"{old['command']}, then {new['command']} --merge", "results": results,
+            "measured_now": [r["name"] for r in new["results"]],
+            "benchmarks": {**old.get("benchmarks", {}), **new["benchmarks"]}, "notes": notes,
+            "matmul_peak": old.get("matmul_peak", []) + new.get("matmul_peak", [])}
+
+
+def any_errors(report: dict[str, Any]) -> bool:
+    """Whether a benchmark of this run errored (results a merged report kept do not count)."""
+    now = report.get("measured_now")
+    return any(r.get("error") for r in report["results"] if now is None or r["name"] in now)
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks import BENCHMARKS, DEFAULT_OUT, run_all, summary_lines
+from benchmarks import BENCHMARKS, DEFAULT_OUT, any_errors, run_all, summary_lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"run only these benchmarks ({', '.join(BENCHMARKS)})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="directory for report.json and report.md (default: benchmarks/)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the results of the existing report.json that this run does not measure")
     return parser
 
 
@@ -31,9 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    report = run_all(quick=args.quick, only=args.only, out_dir=args.out)
+    report = run_all(quick=args.quick, only=args.only, out_dir=args.out, merge=args.merge)
     print("\n".join(summary_lines(report)))
-    return 1 if any(r.get("error") for r in report["results"]) else 0
+    return 1 if any_errors(report) else 0
 
 
 if __name__ == "__main__":

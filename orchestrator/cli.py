@@ -361,6 +361,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force-unlock", action="store_true",
                    help="take the sweep's driver lock even if another driver seems to hold it (warned; "
                    "only when that driver is gone and its lock was not released)")
+    p.add_argument("--trainable", default=None, metavar="MODULE:FUNCTION",
+                   help="the trial function, importable on every node (default: "
+                   "orchestrator.trial.entrypoints:train_trial); for tests and custom trainables")
     p.set_defaults(handler=_run_sweep)
 
 
@@ -378,10 +381,11 @@ def _run_sweep(args: argparse.Namespace) -> int:
             experiment=args.experiment, address=args.address, num_cpus=args.num_cpus,
             gpus_per_trial=args.gpus_per_trial, stages=stages, write_tables=not args.no_tables,
             force_unlock=args.force_unlock,
+            trainable=args.trainable,
         )
-    except SweepInterrupted as err:
+    except SweepInterrupted as err:  # Ctrl+C, SIGTERM, `ray job stop`: 128 + the signal, as a shell
         print(f"mtcae sweep: {err}", file=sys.stderr)
-        return 130
+        return 128 + err.signum
     except KeyboardInterrupt:  # outside Tune's own handling (pre-flight, building caches, between stages)
         print("mtcae sweep: stopped; what finished is kept, run the same command again to continue",
               file=sys.stderr)
@@ -418,7 +422,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         result = run_demo(args.out, num_cpus=args.num_cpus)
     except SweepError as err:
         print(f"mtcae demo: {err}", file=sys.stderr)
-        return 130 if isinstance(err, SweepInterrupted) else 2
+        return 128 + err.signum if isinstance(err, SweepInterrupted) else 2
     if result.tables_markdown:
         print(result.tables_markdown)
     print(result.summary())
@@ -440,19 +444,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="run only these benchmarks (preprocess, encoder, decoder_step, trial, sweep)")
     p.add_argument("--out", type=Path, default=None,
                    help="directory for report.json and report.md (default: the benchmarks package)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the results of the existing report.json that this run does not measure")
     p.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from benchmarks import DEFAULT_OUT, run_all, summary_lines
+    from benchmarks import DEFAULT_OUT, any_errors, run_all, summary_lines
 
     try:
-        report = run_all(quick=args.quick, only=args.only, out_dir=args.out or DEFAULT_OUT)
+        report = run_all(quick=args.quick, only=args.only, out_dir=args.out or DEFAULT_OUT,
+                         merge=args.merge)
     except ValueError as err:
         print(f"mtcae bench: {err}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(report)))
-    return 1 if any(r.get("error") for r in report["results"]) else 0
+    return 1 if any_errors(report) else 0
 
 
 @subcommand

@@ -275,3 +275,16 @@ def test_cli_bench_and_module_entry_point_share_run_all(fake_suite: list[bool], 
     assert "ERROR  fake_bad" in capsys.readouterr().out
     assert fake_suite == [True]
     assert cli_main(["bench", "--only", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_merge_keeps_the_results_a_run_did_not_measure_again(fake_suite: list[bool], tmp_path) -> None:
+    from benchmarks.__main__ import main as module_main
+
+    assert module_main(["--only", "fake_bad", "fake_ok", "--out", str(tmp_path)]) == 1
+    assert module_main(["--only", "fake_ok", "--out", str(tmp_path), "--merge"]) == 0
+    merged = json.loads((tmp_path / "report.json").read_text())
+    assert [r["name"] for r in merged["results"]] == ["fake_bad", "fake/ok"]  # fake_bad kept, fake/ok new
+    assert merged["command"].endswith("--only fake_ok --merge")
+    assert any(n.startswith("Merged report: fake/ok measured by") for n in merged["notes"])
+    assert module_main(["--only", "fake_ok", "--out", str(tmp_path)]) == 0  # without --merge: replaced
+    assert [r["name"] for r in json.loads((tmp_path / "report.json").read_text())["results"]] == ["fake/ok"]

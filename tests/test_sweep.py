@@ -76,7 +76,7 @@ def fake_trial(config: dict) -> None:
         with checkpoint.as_directory() as directory:
             start = json.loads((Path(directory) / "state.json").read_text())["epoch"] + 1
     _append(channel / "calls.jsonl", {"trial_key": config["trial_key"], "start": start,
-                                      "stage": config["stage"], "pid": os.getpid(),
+                                      "stage": config["stage"], "pid": os.getpid(), "ppid": os.getppid(),
                                       "folds_file": config.get("folds_file"),
                                       "select_metric": config.get("select_metric")})
     tags = {k: config[k] for k in ("dataset", "arch", "fold", "sweep", "stage")}
@@ -109,9 +109,12 @@ def _append(path: Path, record: dict) -> None:
 def _maybe_crash(channel: Path, config: dict, epoch: int) -> None:
     """Act when ``crash.json`` selects this trial at this epoch (``once``: only the first time).
 
-    ``action: raise`` (default) fails the trial; ``action: interrupt`` sends SIGINT to the driver
-    (Tune stops the experiment gracefully, as on Ctrl+C) and waits to be stopped with it;
-    ``action: kill`` SIGKILLs the driver (tests/test_kills.py).
+    ``action: raise`` (default) fails the trial; ``action: interrupt`` sends ``signal`` (default
+    SIGINT: Tune stops the experiment gracefully, as on Ctrl+C; SIGTERM: as ``ray job stop``) to the
+    driver and waits to be stopped with it; ``action: kill`` SIGKILLs the driver (tests/test_kills.py);
+    ``action: pause`` keeps the trial (and its driver) busy; ``action: kill_raylet`` SIGKILLs the
+    trial's raylet (its parent process: the node dies, as a lost machine) after writing its PID to
+    ``killed-raylet.json``.
     """
     rule_file = channel / "crash.json"
     if not rule_file.is_file():
@@ -124,9 +127,15 @@ def _maybe_crash(channel: Path, config: dict, epoch: int) -> None:
     marker.write_text(config["trial_key"])
     if rule.get("action") == "pause":  # keep the driver busy (tests/test_kills.py: a second driver)
         time.sleep(600)
-    if rule.get("action") in ("interrupt", "kill"):  # Ctrl+C, or a driver that dies on the spot
-        os.kill(int((channel / "driver.pid").read_text()),
-                signal.SIGINT if rule["action"] == "interrupt" else signal.SIGKILL)
+    if rule.get("action") == "kill_raylet":
+        (channel / "killed-raylet.json").write_text(json.dumps({"pid": os.getppid(), "trial_key": config["trial_key"]}))
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(60)
+    if rule.get("action") == "kill":  # a driver that dies on the spot
+        os.kill(int((channel / "driver.pid").read_text()), signal.SIGKILL)
+        time.sleep(60)
+    if rule.get("action") == "interrupt":
+        os.kill(int((channel / "driver.pid").read_text()), getattr(signal, rule.get("signal", "SIGINT")))
         time.sleep(60)
     raise RuntimeError(f"injected crash at epoch {epoch}")
 
@@ -550,17 +559,20 @@ def test_progress_view_counts_statuses_and_best_mean_per_group() -> None:
 
     from orchestrator.sweep.progress import SweepProgress
 
-    def trial(arch: str, status: str, index: int, fold: int, best: float) -> SimpleNamespace:
-        config = {"dataset": "demo", "arch": arch, "fold": fold, "config_index": index}
+    def trial(arch: str, status: str, index: int, fold: int, best: float, seconds: float = 0.0) -> SimpleNamespace:
+        config = {"dataset": "demo", "arch": arch, "fold": fold, "config_index": index, "study": f"demo__{arch}"}
         return SimpleNamespace(config=config, status=status, metric_analysis={"val_uar": {"max": best}},
-                               last_result={})
+                               last_result={"time_total_s": seconds} if seconds else {},
+                               trial_id=f"t{arch}{index}{fold}")
 
-    trials = [trial("stl", "TERMINATED", 0, 0, 0.4), trial("stl", "TERMINATED", 0, 1, 0.6),
-              trial("stl", "TERMINATED", 1, 0, 0.9), trial("stl", "RUNNING", 1, 1, 0.1),
+    trials = [trial("stl", "TERMINATED", 0, 0, 0.4, 10.0), trial("stl", "TERMINATED", 0, 1, 0.6, 20.0),
+              trial("stl", "TERMINATED", 1, 0, 0.9, 30.0), trial("stl", "RUNNING", 1, 1, 0.1),
               trial("cascaded_vit", "ERROR", 0, 0, 0.2), trial("cascaded_vit", "PENDING", 0, 1, 0.0)]
-    text = SweepProgress("s", "search", "val_uar", "max", folds_per_config=2).render(trials)
+    # 8 trials in all: 2 not created yet count as pending; ETA = mean 20 s x 4 left / 1 running
+    text = SweepProgress("s", "search", "val_uar", "max", folds_per_config=2, total=8).render(trials)
     lines = text.splitlines()
-    assert lines[0] == "[s] search: 1 running, 3 done, 1 failed, 1 pending"
+    assert lines[0].startswith("[s] search: 3 done, 1 running, 3 pending, 1 failed | ")
+    assert lines[0].endswith("s elapsed, ETA 1m20s")
     assert "demo/stl" in lines[1] and "3 done" in lines[1] and "best val_uar 0.5000 (config 0, 2 folds)" in lines[1]
     assert "demo/cascaded_vit" in lines[2] and "1 failed" in lines[2] and "best" not in lines[2]
 

@@ -19,6 +19,7 @@ from orchestrator import tracking
 from orchestrator.hashing import stable_hash
 
 FINAL_MARKER = tracking.RESULT_METRIC  # reported by the trainable only at the natural end of a trial
+RECORDED_MARKER = "recorded_before"  # in the report of a trial whose result MLflow held: nothing ran
 _TUNE_KEYS = frozenset({"study", "dataset", "arch", "fold", "config_index"})
 
 
@@ -106,6 +107,6 @@ def run_cell(config: dict, context: CellContext) -> None:
 
         logging.getLogger(__name__).info("trial %s finished before; reporting its MLflow record",
                                          flat["trial_key"])
-        tune.report(recorded)
+        tune.report({**recorded, RECORDED_MARKER: 1.0})
         return
     context.resolve_trainable()(flat)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from orchestrator.sweep.space import SweepSpace
@@ -58,21 +61,66 @@ def trial_resources(space: SweepSpace, gpus_per_trial: float | None, local: bool
     return {"cpu": cpu, "gpu": float(gpu)}
 
 
+def trial_slots(resources: Mapping[str, float], nodes: list[dict] | None = None,
+                config: Path = Path("~/ray_bootstrap_config.yaml")) -> int:
+    """How many trials of ``resources`` the cluster holds at once: its nodes now (``ray.nodes()``),
+    plus the workers its launcher config may still start (``max_workers`` of each node type); at
+    least 1."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+
+    def fits(node: Mapping[str, float]) -> int:
+        asked = {"CPU": resources.get("cpu", 0.0), "GPU": resources.get("gpu", 0.0)}
+        counts = [math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in asked.items() if v > 0]
+        return min(counts) if counts else 0
+
+    slots = sum(fits(n.get("Resources", {})) for n in nodes if n.get("Alive"))
+    for node_type in _launcher_node_types(config).values():
+        slots += int(node_type.get("max_workers", 0)) * fits(node_type.get("resources") or {})
+    return max(slots, 1)
+
+
+@contextlib.contextmanager
+def pending_trials(resources: Mapping[str, float]) -> Iterator[None]:
+    """Let Tune start as many trials at once as the cluster holds (``TUNE_MAX_PENDING_TRIALS_PG``).
+
+    With a custom searcher Tune keeps a single trial pending: trial actors then start one after
+    another (a fresh worker process, CUDA init) and an autoscaler sees the demand of one trial at a
+    time. A value the user set is kept.
+    """
+    key = "TUNE_MAX_PENDING_TRIALS_PG"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = str(trial_slots(resources))
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+def _launcher_node_types(config: Path) -> dict:
+    """The node types of the cluster launcher's config on this head (``{}`` elsewhere)."""
+    import yaml
+
+    path = config.expanduser()
+    if not path.is_file():
+        return {}
+    try:
+        return (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {}) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
 def _autoscaler_offers_gpus(config: Path = Path("~/ray_bootstrap_config.yaml")) -> bool:
     """Whether the cluster launcher's config on this head node has a node type with GPUs.
 
     An autoscaling cluster starts with no GPU workers; the launcher writes its config (node types
     with their resources filled in) to ``~/ray_bootstrap_config.yaml`` on the head.
     """
-    import yaml
-
-    path = config.expanduser()
-    if not path.is_file():
-        return False
-    try:
-        types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
-    except (OSError, yaml.YAMLError):
-        return False
+    types = _launcher_node_types(config)
     return any((t.get("resources") or {}).get("GPU", 0) > 0 for t in types.values())
 
 

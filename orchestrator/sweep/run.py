@@ -42,18 +42,22 @@ Layout under the output folder (``--out``, default ``./mtcae_runs``)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from orchestrator.sweep.caches import build_caches, check_folds, preflight, sweep_folds
-from orchestrator.sweep.cluster import init_ray, is_local
+from orchestrator.sweep.cluster import init_ray, is_local, pending_trials
 from orchestrator.sweep.errors import SweepError, SweepInterrupted
 from orchestrator.sweep.lock import sweep_lock
 from orchestrator.sweep.parents import (
+    Parents,
     close_parent_runs,
     close_trial_runs,
     create_parent_runs,
@@ -157,31 +161,118 @@ def run_sweep(
         # Checkpointing every short epoch with num_to_keep=1 forces frequent experiment snapshots; Tune
         # warns about each, harmlessly (it only matters for huge experiments).
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        mode = init_ray(address, num_cpus)
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune boxes: progress.py draws the view
+        logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)  # no "wrote ... to <path>" per run
+        stop = _Stop(lambda status: _close_runs(settings["tracking_uri"], parents, name, status))
+        mode = None
         try:
-            if data_root is not None:
-                build_caches(space, Path(settings["cache"]), data_root)
-                if check_caches:
-                    check_folds(space, Path(settings["cache"]))
-            folds_files = sweep_folds(space, Path(settings["cache"]), sweep_dir) if check_caches else {}
-            log_folds(settings["tracking_uri"], parents, folds_files, space)
-            run = make_run(space, name, settings, sweep_dir, state, parents, trainable, gpus_per_trial,
-                            local=is_local(mode), reuse_actors=reuse_actors,
-                            progress_interval_s=progress_interval_s, folds_files=folds_files)
-            result = run_stages(run, parents, stages or sweep_stages(space))
+            with stop.on_sigterm():
+                mode = init_ray(address, num_cpus)
+                stop.install()  # again: ray.init puts its own SIGTERM handler (a stack dump, then abort)
+                result = _run(space, name, settings, sweep_dir, state, parents, trainable, gpus_per_trial,
+                              mode, reuse_actors, progress_interval_s, data_root, check_caches, stages)
         except BaseException as err:  # no run stays RUNNING after a stop or a failure
-            status = "KILLED" if isinstance(err, (KeyboardInterrupt, SweepInterrupted)) else "FAILED"
-            close_trial_runs(settings["tracking_uri"], parents.experiment_id, name, status)
-            close_parent_runs(settings["tracking_uri"], parents, status)
+            stopped = isinstance(err, (KeyboardInterrupt, SweepInterrupted))
+            stop.join()
+            _close_runs(settings["tracking_uri"], parents, name, "KILLED" if stopped else "FAILED")
+            if stop.signum is not None and stopped:
+                raise SweepInterrupted(
+                    f"sweep {name!r} was stopped by {signal.Signals(stop.signum).name}; its MLflow runs are "
+                    f"marked KILLED; re-run the same command, or `mtcae sweep --resume {name}`, to continue: "
+                    "finished trials are not trained again", stop.signum) from None
+            if isinstance(err, KeyboardInterrupt):
+                raise SweepInterrupted(f"sweep {name!r} was interrupted; its MLflow runs are marked KILLED; "
+                                       "re-run the same command to continue") from None
             raise
         else:  # Tune has returned: a trial run still RUNNING lost its worker after its last retry
             close_trial_runs(settings["tracking_uri"], parents.experiment_id, name, "FAILED")
         finally:
-            if mode != "existing":
+            if mode not in (None, "existing"):
                 import ray
 
                 ray.shutdown()
         return result
+
+
+def _run(space: SweepSpace, name: str, settings: dict[str, str], sweep_dir: Path, state: SweepState,
+         parents: Parents, trainable: Callable[[dict], Any] | str | None, gpus_per_trial: float | None,
+         mode: str, reuse_actors: bool, progress_interval_s: float, data_root: Path | None,
+         check_caches: bool, stages: Sequence[str] | None) -> SweepResult:
+    """Caches, folds, then the stages of the plan (Ray is up, the parent runs exist)."""
+    if data_root is not None:
+        build_caches(space, Path(settings["cache"]), data_root)
+        if check_caches:
+            check_folds(space, Path(settings["cache"]))
+    folds_files = sweep_folds(space, Path(settings["cache"]), sweep_dir) if check_caches else {}
+    log_folds(settings["tracking_uri"], parents, folds_files, space)
+    run = make_run(space, name, settings, sweep_dir, state, parents, trainable, gpus_per_trial,
+                   local=is_local(mode), reuse_actors=reuse_actors,
+                   progress_interval_s=progress_interval_s, folds_files=folds_files)
+    with pending_trials(run.resources):
+        return run_stages(run, parents, stages or sweep_stages(space))
+
+
+def _close_runs(tracking_uri: str, parents: Parents, sweep: str, status: str) -> None:
+    close_trial_runs(tracking_uri, parents.experiment_id, sweep, status)
+    close_parent_runs(tracking_uri, parents, status)
+
+
+class _Stop:
+    """SIGTERM (``ray job stop``, a batch scheduler, ``kill``) stops the sweep the way Ctrl+C does.
+
+    On the signal, a thread marks the sweep's RUNNING MLflow runs KILLED at once (``ray job stop``
+    sends SIGKILL 3 s later, ``RAY_JOB_STOP_WAIT_TIME_S``), and the driver takes the SIGINT path:
+    Tune's handler ends the Tune run after saving its state, or, outside a Tune run, a
+    KeyboardInterrupt. A second SIGTERM interrupts at once.
+    """
+
+    def __init__(self, close: Callable[[str], None]) -> None:
+        self.signum: int | None = None
+        self._installed = False
+        self._close = close
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def on_sigterm(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        self.install()
+        try:
+            yield
+        finally:
+            if self._installed:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def install(self) -> None:
+        """(Re)install the handler; only in the main thread (elsewhere signals cannot be caught)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.signum is None
+        self.signum = signum
+        logger.warning("%s received: stopping the sweep (its MLflow runs are marked KILLED now)",
+                       signal.Signals(signum).name)
+        if first:
+            self._thread = threading.Thread(target=self._close_quietly, name="sweep-stop", daemon=True)
+            self._thread.start()
+        interrupt = signal.getsignal(signal.SIGINT)
+        if not first or not callable(interrupt) or interrupt is signal.default_int_handler:
+            raise KeyboardInterrupt
+        interrupt(signal.SIGINT, frame)  # Tune's handler: end the run gracefully
+
+    def _close_quietly(self) -> None:
+        try:
+            self._close("KILLED")
+        except Exception:  # noqa: BLE001 - the driver closes them again once Tune has returned
+            logger.exception("could not mark the sweep's runs KILLED yet")
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
 
 def _resolve_space(

@@ -28,6 +28,7 @@ from orchestrator import tracking
 from orchestrator.sweep.cell import FINAL_MARKER, CellContext, group_key, run_cell
 from orchestrator.sweep.cluster import trial_resources
 from orchestrator.sweep.errors import SweepError, SweepInterrupted
+from orchestrator.sweep.links import RunLinks
 from orchestrator.sweep.parents import Parents, log_fold_confusion, log_to_run
 from orchestrator.sweep.progress import SweepProgress
 from orchestrator.sweep.result import SweepResult, cv_rows, fold_means, rows_by_group
@@ -64,15 +65,18 @@ class SweepRun:
     def optuna_url(self) -> str:
         return f"sqlite:///{(self.sweep_dir / 'optuna.db').resolve()}"
 
-    def run_config(self, name: str, stage: str, folds_per_config: int = 1) -> Any:
-        progress = SweepProgress(self.name, stage, self.space.metric, self.space.mode,
-                                 folds_per_config, self.progress_interval_s)
+    def run_config(self, name: str, stage: str, folds_per_config: int = 1, total: int | None = None) -> Any:
+        epochs = self.space.fixed.get("epochs")
+        progress = SweepProgress(self.name, stage, self.space.metric, self.space.mode, folds_per_config,
+                                 self.progress_interval_s, total=total, epochs=int(epochs) if epochs else None)
+        context = dataclasses.replace(self.context, stage=stage)
+        links = RunLinks(context.tracking_uri, context.experiment, lambda c: context.trial_config(c)["trial_key"])
         return tune.RunConfig(
             name=name,
             storage_path=join_storage(self.storage, self.name),
             failure_config=tune.FailureConfig(max_failures=self.space.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[progress],
+            callbacks=[progress, links],
             verbose=0,
         )
 
@@ -143,7 +147,7 @@ def _run_search(run: SweepRun, studies: Sequence[Study]) -> int:
                 reuse_actors=run.reuse_actors,
             ),
             run_config=run.run_config(vocab.STAGE_SEARCH, vocab.STAGE_SEARCH,
-                                      max(len(s.folds) for s in studies)),
+                                      max(len(s.folds) for s in studies), total=total),
         )
 
     logger.info("[%s] stage search: %d studies (%s selection), %d trials at most, in one Tune run",
@@ -268,7 +272,8 @@ def _run_cv(run: SweepRun, chosen: Mapping[str, Mapping[str, Any]]) -> Any:
                 max_concurrent_trials=space.resources.max_concurrent,
                 reuse_actors=run.reuse_actors,
             ),
-            run_config=run.run_config(vocab.STAGE_CV, vocab.STAGE_CV),
+            run_config=run.run_config(vocab.STAGE_CV, vocab.STAGE_CV, total=len(space.datasets)
+                                      * len(space.archs) * len(space.folds)),
         )
 
     logger.info("[%s] stage cv: %d datasets x %d archs x %d folds", run.name, len(space.datasets),
