@@ -242,18 +242,22 @@ def _find_runs_by_key(client: Any, experiment_id: str, key: str) -> list[Any]:
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
-def trial_runs(client: Any, experiment_id: str, sweep: str, stage: str, **tags: Any) -> list[Any]:
-    """Trial runs of a sweep's stage, optionally with more tags equal (``dataset=..., fold=...``)."""
-    clauses = [f"tags.{TAG_SWEEP} = '{sweep}'", f"tags.{TAG_STAGE} = '{stage}'"]
-    clauses += [f"tags.{k} = '{v}'" for k, v in tags.items() if v is not None]
+def search_all(client: Any, experiment_ids: list[str], filter_string: str) -> list[Any]:
+    """Every run of ``experiment_ids`` matching ``filter_string``, all result pages."""
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], filter_string=" and ".join(clauses),
-                                  max_results=1000, page_token=token)
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
             return runs
+
+
+def trial_runs(client: Any, experiment_id: str, sweep: str, stage: str, **tags: Any) -> list[Any]:
+    """Trial runs of a sweep's stage, optionally with more tags equal (``dataset=..., fold=...``)."""
+    clauses = [f"tags.{TAG_SWEEP} = '{sweep}'", f"tags.{TAG_STAGE} = '{stage}'"]
+    clauses += [f"tags.{k} = '{v}'" for k, v in tags.items() if v is not None]
+    return search_all(client, [experiment_id], " and ".join(clauses))
 
 
 def _runs_of_key(tracking_uri: str, experiment_name: str, key: str) -> tuple[Any, list[Any]]:

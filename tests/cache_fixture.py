@@ -27,6 +27,12 @@ MANIFEST_COLUMNS = ("clip", "clip_id", "status", "reason", "label", "label_name"
                     "valid_frames", "padded", "cache_file")
 
 
+# The trial settings that train in seconds on a default tiny cache: 32 px x 16 frames -> 8 x 2 x 2 =
+# 32 tokens; 6 subjects -> 3 folds of 2 test / 1 val / 3 train subjects.
+TINY_TRIAL = dict(dataset="demo", encoder="tiny", decoder="official", decoder_dim=16, decoder_head_dim=8,
+                  decoder_depth=1, batch_size=4, n_folds=3, epochs=2)
+
+
 @dataclass(frozen=True)
 class TinyCache:
     """What :func:`write_tiny_cache` wrote.

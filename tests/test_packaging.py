@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from cache_fixture import TinyCache, write_tiny_cache
+from cache_fixture import TINY_TRIAL, TinyCache, write_tiny_cache
 
 import vocab
 from model import ModelConfig, build_model
@@ -40,8 +40,7 @@ from orchestrator.trial.predictor import (
     predictor_from_trial,
 )
 
-TINY = dict(dataset="demo", encoder="tiny", decoder="official", decoder_dim=16, decoder_head_dim=8,
-            decoder_depth=1, batch_size=4, n_folds=3, epochs=2)
+TINY = TINY_TRIAL
 
 
 @pytest.fixture(autouse=True)

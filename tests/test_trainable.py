@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cache_fixture import TinyCache, write_tiny_cache
+from cache_fixture import TINY_TRIAL, TinyCache, write_tiny_cache
 
 import vocab
 from orchestrator.cli import main
@@ -34,9 +34,7 @@ from orchestrator.trial.loop import (
     run_trial,
 )
 
-# 32 px x 16 frames -> 8 x 2 x 2 = 32 tokens; 6 subjects -> 3 folds of 2 test / 1 val / 3 train subjects.
-TINY = dict(dataset="demo", encoder="tiny", decoder="official", decoder_dim=16, decoder_head_dim=8,
-            decoder_depth=1, batch_size=4, n_folds=3, epochs=2)
+TINY = TINY_TRIAL
 NONDETERMINISTIC = {"epoch_time_s"}
 
 

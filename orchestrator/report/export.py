@@ -18,7 +18,6 @@ from orchestrator.report.results import (
     experiment_ids,
     load_runs,
     open_store,
-    search_all,
     stage_filter,
 )
 from orchestrator.report.tables import (
@@ -28,7 +27,7 @@ from orchestrator.report.tables import (
     recall_tables,
     table1,
 )
-from orchestrator.tracking import make_client
+from orchestrator.tracking import make_client, search_all
 
 logger = logging.getLogger(__name__)
 

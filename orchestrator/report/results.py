@@ -45,6 +45,7 @@ from orchestrator.tracking import (
     TAG_TRIAL_KEY,
     flat_metrics,
     make_client,
+    search_all,
     sqlite_path,
 )
 
@@ -91,19 +92,6 @@ def stage_filter(stage: str | None, sweep: str | None) -> str:
             raise ValueError(f"{tag} value must not contain quotes, got {value!r}")
         clauses.append(f"tags.{tag} = '{value}'")
     return " and ".join(clauses)
-
-
-def search_all(client, experiment_ids: list[str], filter_string: str) -> list:
-    """Every run of ``experiment_ids`` matching ``filter_string``, all result pages."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            experiment_ids, filter_string=filter_string, max_results=1000, page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def _run_row(run, experiment_name: str) -> dict:

@@ -44,7 +44,6 @@ class RunLinks(tune.Callback):
         self._runs: dict[str, str] = {}
         self._tagged: dict[str, tuple[str, str]] = {}
         self._client: Any = None
-        self._experiment_id: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # the Tuner pickles its callbacks; clients do not pickle
         return {**self.__dict__, "_client": None}
@@ -79,16 +78,10 @@ class RunLinks(tune.Callback):
     def _run_id(self, trial: Any) -> str | None:
         key = self._trial_key(trial.config)
         if key not in self._runs:
-            if self._experiment_id is None:
-                experiment = self._guard(lambda: self._mlflow().get_experiment_by_name(self.experiment))
-                self._experiment_id = experiment.experiment_id if experiment is not None else None
-            if self._experiment_id is None:
+            run_id = self._guard(lambda: tracking.find_run_id(self.tracking_uri, self.experiment, key))
+            if run_id is None:  # the trainable creates its run before its first report
                 return None
-            runs = self._guard(lambda: self._mlflow().search_runs(
-                [self._experiment_id], filter_string=f"tags.{tracking.TAG_TRIAL_KEY} = '{key}'", max_results=1))
-            if not runs:  # the trainable creates its run before its first report
-                return None
-            self._runs[key] = runs[0].info.run_id
+            self._runs[key] = run_id
         return self._runs[key]
 
     def _mlflow(self) -> Any:

@@ -208,13 +208,6 @@ class StudySearcher(Searcher):
         with open(checkpoint_path, "rb") as handle:
             self._set_state(pickle.load(handle))
 
-    # ---- what the sweep reads
-
-    def unfinished(self) -> list[str]:
-        """Studies not yet told a result for every configuration."""
-        return [name for name, configs in self._configs.items()
-                if len(configs) < self._studies[name].num_configs or not all(c["told"] for c in configs)]
-
     # ---- internals
 
     def _get_state(self) -> dict[str, Any]:

@@ -191,19 +191,13 @@ def _select_nested(run: SweepRun, parents: Parents, study: Study) -> dict[str, A
     client = tracking.make_client(run.context.tracking_uri)
     runs = tracking.trial_runs(client, parents.experiment_id, run.name, vocab.STAGE_SEARCH,
                                dataset=study.dataset, arch=study.arch, fold=study.outer_fold)
-    metric, sign = run.space.metric, 1.0 if run.space.mode == "max" else -1.0
-
-    def score(r: Any) -> float:
-        values = tracking.flat_metrics(r.data.metrics)
-        value = values.get(f"best_{metric}", values.get(metric, math.nan))
-        return -math.inf if math.isnan(value) else sign * value
-
+    metric = run.space.metric
     done = sorted((r for r in runs if tracking.has_result(r)), key=lambda r: r.data.tags[tracking.TAG_TRIAL_KEY])
     if not done:
         logger.error("[%s] study %s: no trial finished; fold %s of %s/%s has no result", run.name,
                      study.name, study.outer_fold, study.dataset, study.arch)
         return {"params": None, "score": None, "completed": 0}
-    best = max(done, key=score)  # ties: the earliest configuration (trial keys sort by index)
+    best = max(done, key=lambda r: _selection_score(run.space, r))  # ties: the earliest configuration
     for r in runs:
         tracking.set_selected(client, r.info.run_id, r is best, vocab.SELECTION_NESTED)
     params = {k: _param_value(best.data.params.get(k)) for k in _searched_names(run.space, study)}
@@ -217,6 +211,14 @@ def _select_nested(run: SweepRun, parents: Parents, study: Study) -> dict[str, A
                params={f"fold{study.outer_fold}.{k}": v for k, v in params.items()},
                metrics={f"search_fold{study.outer_fold}_best_{metric}": choice["score"]})
     return choice
+
+
+def _selection_score(space: SweepSpace, mlflow_run: Any) -> float:
+    """A trial run's ``best_<metric>`` (else its last ``metric``), signed so that higher is better;
+    -inf without one."""
+    values = tracking.flat_metrics(mlflow_run.data.metrics)
+    value = values.get(f"best_{space.metric}", values.get(space.metric, math.nan))
+    return -math.inf if math.isnan(value) else (value if space.mode == "max" else -value)
 
 
 def _searched_names(space: SweepSpace, study: Study) -> list[str]:
@@ -410,13 +412,12 @@ def register_group_model(run: SweepRun, client: Any, dataset: str, arch: str, ru
     ``mtcae-<sweep>-<dataset>-<arch>`` with alias ``best``; a trainable that logs no model is skipped."""
     from orchestrator.trial.packaging import register_best_model
 
-    metric, sign = run.space.metric, 1.0 if run.space.mode == "max" else -1.0
-    runs = {i: tracking.flat_metrics(client.get_run(i).data.metrics) for i in run_ids}
-    best_id = max(runs, key=lambda i: sign * runs[i].get(f"best_{metric}", -sign * math.inf))
-    best = client.get_run(best_id)
+    metric = run.space.metric
+    best = max((client.get_run(i) for i in run_ids), key=lambda r: _selection_score(run.space, r))
     try:
-        version = register_best_model(run.context.tracking_uri, best_id, run.name, dataset, arch,
-                                      int(best.data.tags["fold"]), metric, runs[best_id].get(f"best_{metric}"))
+        version = register_best_model(run.context.tracking_uri, best.info.run_id, run.name, dataset, arch,
+                                      int(best.data.tags["fold"]), metric,
+                                      tracking.flat_metrics(best.data.metrics).get(f"best_{metric}"))
     except LookupError as err:
         logger.info("[%s] %s/%s: no model registered (%s)", run.name, dataset, arch, err)
         return

@@ -21,8 +21,8 @@ def log_study_plots(tracking_uri: str, group_runs: Mapping[str, str], storage_ur
 
     A study whose plots cannot be drawn (no completed trial) is skipped with a log line, never fatal.
     """
+    import matplotlib.pyplot as plt
     import optuna
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from optuna.visualization import matplotlib as plots
 
     client = tracking.make_client(tracking_uri)
@@ -46,13 +46,10 @@ def log_study_plots(tracking_uri: str, group_runs: Mapping[str, str], storage_ur
                 except (ValueError, RuntimeError) as err:  # e.g. a parameter that never varied
                     logger.info("study %s: no %s plot (%s)", study.name, name, err)
                     continue
-                figure = axes.figure
-                FigureCanvasAgg(figure)
+                figure = axes.figure  # a pyplot figure (Optuna draws with pyplot): closed once saved
                 figure.set_size_inches(6.4, 4.0)
                 figure.tight_layout()
                 figure.savefig(folder / f"{name}.png", dpi=100)
-                import matplotlib.pyplot as plt
-
                 plt.close(figure)
                 client.log_artifact(group_runs[study.group], str(folder / f"{name}.png"),
                                     artifact_path=f"optuna/{study.name}")
