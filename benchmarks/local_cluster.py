@@ -150,8 +150,9 @@ class LocalRayCluster:
 
     def _head_ready(self) -> bool:
         if self.dashboard:
+            request = urllib.request.Request(f"{self.dashboard_url}/api/version", headers=self._auth_headers())
             try:
-                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2)
+                urllib.request.urlopen(request, timeout=2)
             except OSError:
                 return False
             return True
@@ -159,6 +160,13 @@ class LocalRayCluster:
             sock.settimeout(1)
             return sock.connect_ex(("127.0.0.1", self.port)) == 0 and "Ray runtime started" in (
                 self.nodes[0].log_file.read_text())
+
+    def _auth_headers(self) -> dict[str, str]:
+        """The bearer token of a cluster started with token auth (``RAY_AUTH_TOKEN_PATH`` in ``env``)."""
+        path = self.env.get("RAY_AUTH_TOKEN_PATH")
+        if self.env.get("RAY_AUTH_MODE") != "token" or not path:
+            return {}
+        return {"Authorization": f"Bearer {Path(path).read_text().strip()}"}
 
     def add_worker(self, cpus: int, ip: str | None = None) -> Node:
         """Start a worker node with ``cpus`` logical CPUs (``127.0.0.<n+1>`` by default)."""

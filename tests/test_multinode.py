@@ -36,6 +36,15 @@ def _dashboard_missing() -> list[str]:
     return [m for m in DASHBOARD_DEPS if not _importable(m)]
 
 
+def require_job_server() -> None:
+    """Skip without ``ray[default]`` (the dashboard's job server), except under ``CI``: fail there."""
+    missing = _dashboard_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"ray[default] is needed for `ray job submit` (missing {missing})")
+        pytest.skip(f"ray[default] is not installed (missing {missing})")
+
+
 def _importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -46,11 +55,7 @@ def _importable(module: str) -> bool:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Head (0 CPUs, dashboard) + two 2-CPU workers on loopback; every process killed at the end."""
-    missing = _dashboard_missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"ray[default] is needed for `ray job submit` (missing {missing})")
-        pytest.skip(f"ray[default] is not installed (missing {missing})")
+    require_job_server()
     root = tmp_path_factory.mktemp("multinode")
     bin_dir = str(Path(sys.executable).parent)  # `mtcae` and `ray` of this environment
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), str(REPO), os.environ.get("PYTHONPATH")])),
