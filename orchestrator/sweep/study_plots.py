@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from orchestrator import tracking
 from orchestrator.sweep.searcher import Study, open_study
@@ -16,8 +17,9 @@ logger = logging.getLogger(__name__)
 
 def log_study_plots(tracking_uri: str, group_runs: Mapping[str, str], storage_url: str,
                     studies: Sequence[Study], mode: str) -> int:
-    """Log ``optuna/<study>/history.png`` (and ``importance.png`` with 2+ completed trials and a
-    searched parameter) to each study's group run; returns how many files were logged.
+    """Log ``optuna/<study>/history.png`` (and ``importance.png`` when Optuna can rank the searched
+    parameters: 2+ completed trials whose values do not all tie) to each study's group run; returns
+    how many files were logged.
 
     A study whose plots cannot be drawn (no completed trial) is skipped with a log line, never fatal.
     """
@@ -42,7 +44,7 @@ def log_study_plots(tracking_uri: str, group_runs: Mapping[str, str], storage_ur
             folder.mkdir()
             for name, draw in drawings.items():
                 try:
-                    axes = draw(handle)
+                    axes = _draw(draw, handle)
                 except (ValueError, RuntimeError) as err:  # e.g. a parameter that never varied
                     logger.info("study %s: no %s plot (%s)", study.name, name, err)
                     continue
@@ -55,3 +57,23 @@ def log_study_plots(tracking_uri: str, group_runs: Mapping[str, str], storage_ur
                                     artifact_path=f"optuna/{study.name}")
                 logged += 1
     return logged
+
+
+def _draw(draw: Callable[[Any], Any], study: Any) -> Any:
+    """Optuna's drawing of ``study``; a ValueError when Optuna finds every importance equal.
+
+    PED-ANOVA (Optuna's default importance) warns, and returns equal importances, when too few
+    trials or tied values leave nothing to compare; a bar chart of those would claim a ranking.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        axes = draw(study)
+    equal = [w for w in caught if "importances will be equal" in str(w.message)]
+    if equal:
+        import matplotlib.pyplot as plt
+
+        plt.close(axes.figure)
+        raise ValueError(f"importances undefined: {equal[0].message}")
+    for w in caught:  # anything else Optuna said is still said
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return axes
