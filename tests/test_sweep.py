@@ -450,10 +450,55 @@ def test_failed_trial_is_retried_on_rerun(ray_local, tmp_path: Path) -> None:
     stages = _by_stage(runs)
     assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8}
     _assert_no_duplicate_steps(client, stages["search"])
+    retried = _assert_retries_recorded(tmp_path, "demo__cascaded_vit__fold0", stages["search"], folds=(0,))
 
     third = _sweep(space_file, tmp_path)  # everything finished: nothing runs again
     assert third.complete and len(_calls(channel)) == len(calls) + 2
     assert len(_runs(third)[1]) == len(runs)
+    assert _assert_retries_recorded(tmp_path, "demo__cascaded_vit__fold0", stages["search"], folds=(0,)) == retried
+
+
+def _assert_retries_recorded(root: Path, study_name: str, search_runs: list, folds: tuple[int, ...]) -> list:
+    """The study's FAIL trials each have one COMPLETE twin (``retry_of``) valued from MLflow."""
+    import optuna
+
+    from orchestrator.tracking import flat_metrics
+
+    storage = f"sqlite:///{root / 'out' / 'sweeps' / 'fake' / 'optuna.db'}"
+    trials = optuna.load_study(study_name=study_name, storage=storage).trials
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    twins = [t for t in trials if "retry_of" in t.user_attrs]
+    assert failed and sorted(t.user_attrs["retry_of"] for t in twins) == [t.number for t in failed]
+    best = {r.data.tags["trial_key"]: flat_metrics(r.data.metrics)["best_val_uar"] for r in search_runs}
+    for twin in twins:
+        source = trials[twin.user_attrs["retry_of"]]
+        assert twin.state.name == "COMPLETE" and twin.params == source.params
+        expected = sum(best[source.user_attrs[f"fold{f}_trial_key"]] for f in folds) / len(folds)
+        assert twin.value == pytest.approx(expected)
+    return [(t.number, t.value) for t in twins]
+
+
+@pytest.mark.slow
+def test_a_pooled_study_whose_every_configuration_failed_recovers_on_rerun(ray_local, tmp_path: Path) -> None:
+    from orchestrator.sweep.errors import SweepError
+
+    # Fold 0 of every cascaded_vit configuration fails on every attempt: its study has no COMPLETE trial.
+    crash = {"stage": "search", "arch": "cascaded_vit", "fold": 0, "epoch": 2, "once": False}
+    space_file, channel = _setup(tmp_path, crash, space=POOLED_SPACE)
+    with pytest.raises(SweepError, match="demo__cascaded_vit"):
+        _sweep(space_file, tmp_path)
+    (channel / "crash.json").unlink()
+    result = _sweep(space_file, tmp_path)  # the failed folds are retried; the study learns of them
+    assert result.complete and all(r["status"] == "done" for r in result.cv_rows)
+    client, runs = _runs(result)
+    stages = _by_stage(runs)
+    assert {k: len(v) for k, v in stages.items()} == {"sweep": 1, "group": 2, "search": 8, "cv": 4}
+    _assert_retries_recorded(tmp_path, "demo__cascaded_vit", stages["search"], folds=(0, 1))
+    chosen = result.chosen["demo__cascaded_vit"]["params"]
+    expected = max(({"lr": float(r.data.params["lr"]), "w_expr": float(r.data.params["w_expr"])}
+                    for r in stages["search"] if r.data.tags["arch"] == "cascaded_vit"),
+                   key=lambda p: sum(fake_best_val_uar({"arch": "cascaded_vit", "fold": f, **p}) for f in (0, 1)))
+    assert chosen == pytest.approx(expected)
 
 
 @pytest.mark.slow

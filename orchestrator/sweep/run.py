@@ -13,7 +13,8 @@ by the mean validation metric over ``search.folds``, and the chosen configuratio
 on every fold in stage cv (optimistic; the tables say so). The searcher
 (:class:`orchestrator.sweep.searcher.StudySearcher`) asks each study's TPE sampler for a
 configuration, hands it out as one Tune trial per fold of its study and tells the study the result.
-Failed configurations are ``FAIL``; ASHA-stopped ones ``PRUNED`` (ASHA keeps one bracket per study).
+Failed configurations are ``FAIL`` (one that completes on a re-run is added to its study as a
+``COMPLETE`` trial with ``retry_of``); ASHA-stopped ones ``PRUNED`` (ASHA keeps one bracket per study).
 The studies live in an SQLite ``optuna.db`` in the sweep folder, seeded per study from the base seed.
 
 **CV**: one Tune run over the grid dataset x arch x fold with a fixed configuration (nothing

@@ -26,6 +26,9 @@ from orchestrator.sweep.space import GroupSpace, SweepSpace
 
 logger = logging.getLogger(__name__)
 
+SAME_AS = "same_as_trial"  # user attribute of a configuration sampled twice: the first one's number
+RETRY_OF = "retry_of"  # user attribute of a COMPLETE trial recording a FAIL trial's later success
+
 
 def study_seed(base_seed: int, dataset: str, arch: str, outer_fold: int | None = None) -> int:
     """A per-study sampler seed, so studies do not replay the same suggestion sequence."""
@@ -303,7 +306,7 @@ class StudySearcher(Searcher):
         else:
             state, value = states.COMPLETE, sum(values) / len(values)
         if config["alias"] is not None:
-            self._set_attrs(name, config, {"same_as_trial": source["number"]})
+            self._set_attrs(name, config, {SAME_AS: source["number"]})
         try:
             self._study(name).tell(config["number"], value, state=state, skip_if_finished=True)
         except (ValueError, RuntimeError) as err:  # e.g. a NaN value
@@ -397,6 +400,61 @@ def best_configuration(storage_url: str, study_name: str, mode: str) -> tuple[di
                          "the failed trials above, fix the cause and re-run the sweep")
     best = max(done, key=lambda t: t.value if mode == "max" else -t.value)
     return dict(best.params), float(best.value), len(done)
+
+
+def record_retried(storage_url: str, studies: Sequence[Study], mode: str, metric: str,
+                   recorded: Callable[[str], Mapping[str, float] | None]) -> int:
+    """Tell each study the configurations that failed for good and then completed on a re-run.
+
+    Optuna cannot re-tell a finished trial, so each such configuration becomes a new COMPLETE trial
+    with the same parameters and the user attribute ``retry_of`` (the FAIL trial's number); its value
+    is the mean over its folds of ``best_<metric>`` as MLflow recorded it (the record of what
+    finished). Pooled selection and the samplers then count it. Idempotent.
+
+    Args:
+        recorded: A fold trial's key -> its MLflow metrics once its result is recorded, else None.
+
+    Returns:
+        How many trials were added.
+    """
+    import optuna
+
+    added = 0
+    for study in studies:
+        handle = open_study(storage_url, study.name, mode)
+        trials = handle.get_trials(deepcopy=False)
+        by_number = {t.number: t for t in trials}
+        done = {t.user_attrs.get(RETRY_OF) for t in trials}
+        for trial in trials:
+            if trial.state != optuna.trial.TrialState.FAIL or trial.number in done:
+                continue
+            scores = _recorded_scores(by_number.get(trial.user_attrs.get(SAME_AS), trial),
+                                      study.folds, metric, recorded)
+            if scores is None:
+                continue
+            attrs = {**trial.user_attrs, RETRY_OF: trial.number,
+                     **{f"fold{f}_{metric}": v for f, v in scores.items()}}
+            handle.add_trial(optuna.trial.create_trial(
+                params=trial.params, distributions=trial.distributions,
+                value=sum(scores.values()) / len(scores), user_attrs=attrs))
+            logger.info("study %s: trial %d failed before and has completed since; recorded as trial %d",
+                        study.name, trial.number, len(handle.get_trials(deepcopy=False)) - 1)
+            added += 1
+    return added
+
+
+def _recorded_scores(trial: Any, folds: Sequence[int], metric: str,
+                     recorded: Callable[[str], Mapping[str, float] | None]) -> dict[int, float] | None:
+    """``best_<metric>`` per fold from MLflow, or None while any fold has no recorded result."""
+    scores = {}
+    for fold in folds:
+        key = trial.user_attrs.get(f"fold{fold}_trial_key")
+        result = recorded(key) if key else None
+        value = (result or {}).get(f"best_{metric}")
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            return None
+        scores[fold] = float(value)
+    return scores
 
 
 def sweep_studies(space: SweepSpace) -> list[Study]:

@@ -38,6 +38,7 @@ from orchestrator.sweep.searcher import (
     Study,
     StudySearcher,
     best_configuration,
+    record_retried,
     sweep_studies,
     unfinished_studies,
 )
@@ -168,6 +169,8 @@ def _search_stage(run: SweepRun, parents: Parents) -> None:
         logger.info("[%s] search already finished; not re-running it", run.name)
         return
     failed = _run_search(run, studies)
+    record_retried(run.optuna_url, studies, run.space.mode, run.space.metric, functools.partial(
+        tracking.recorded_result, run.context.tracking_uri, run.context.experiment))
     for study in studies:
         if run.space.selection == vocab.SELECTION_NESTED:
             run.state.studies[study.name] = _select_nested(run, parents, study)
