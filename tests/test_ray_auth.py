@@ -5,7 +5,8 @@ every node with ``RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<that file>``; jobs ar
 same two variables (README, "Cluster"). This test does exactly that with a head and one worker
 (:class:`benchmarks.local_cluster.LocalRayCluster`) and checks that the token is what lets a client
 in: ``ray job submit`` with it runs on both nodes; without it, or with another token, the job server
-and the GCS refuse. It stops only the processes it started.
+and the GCS refuse, and a node started with another token cannot join. It stops only the processes it
+started.
 """
 
 from __future__ import annotations
@@ -96,3 +97,24 @@ def test_clients_without_the_token_are_refused(token_cluster, who: str) -> None:
                             capture_output=True, text=True, env=env, timeout=120)
     assert direct.returncode != 0 and "ALIVE" not in direct.stdout, direct.stdout[-1500:]
     assert "AuthenticationError" in direct.stderr, direct.stderr[-1500:]
+
+
+def test_a_node_with_another_token_cannot_join(token_cluster) -> None:
+    """``ray start --address=<head>`` with a token other than the cluster's gives up; the cluster keeps 2 nodes."""
+    cluster, root = token_cluster
+    other = root / "intruder_token"
+    other.write_text(secrets.token_hex(32) + "\n")
+    intruder = LocalRayCluster(root / "intruder", env={**cluster.env, "RAY_AUTH_TOKEN_PATH": str(other)})
+    intruder.port = cluster.port  # `ray start --address=<the real head>`
+    try:
+        node = intruder.add_worker(1, "127.0.0.3")
+        try:
+            rc = node.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            rc = None
+        log = node.log_file.read_text()
+        assert rc not in (None, 0), log[-3000:]  # `ray start --block` gave up instead of joining
+        assert "AuthenticationError" in log or "authentication token" in log.lower(), log[-3000:]
+        assert cluster.alive_nodes() == 2  # the head and its own worker only
+    finally:
+        intruder.stop()
