@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -242,3 +243,14 @@ def test_input_example_is_a_decodable_base64_video() -> None:
     example = input_example()
     data = base64.b64decode(example["video_base64"][0])
     assert list(example.columns) == ["clip", "video_base64"] and len(data) > 100
+
+
+def test_saving_a_model_warns_nothing(tmp_path: Path) -> None:
+    """Every trial saves a model: no warning of ours or MLflow's, under ``-W always`` too."""
+    from orchestrator.trial.packaging import save_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_model(str(tmp_path / "model"), predictor=tiny_predictor())
+    assert (tmp_path / "model" / "MLmodel").is_file()
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []

@@ -41,6 +41,7 @@ import logging
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,9 @@ def save_model(path: str, mlflow_model: Any = None, predictor: Predictor | None 
     add_to_model(mlflow_model, loader_module=__name__, data=DATA_DIR, conda_env="conda.yaml",
                  python_env="python_env.yaml")
     mlflow_model.signature = model_signature(predictor.class_names)
-    _save_example(mlflow_model, input_example(), path)
+    with warnings.catch_warnings():  # MLflow compares the example's columns with a range (a pandas 3 deprecation)
+        warnings.filterwarnings("ignore", message="Operation with range is deprecated", module="mlflow")
+        _save_example(mlflow_model, input_example(), path)
     mlflow_model.save(str(Path(path) / "MLmodel"))
 
 
