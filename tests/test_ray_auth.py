@@ -88,7 +88,7 @@ def test_clients_without_the_token_are_refused(token_cluster, who: str) -> None:
         env = _client_env(cluster, root)
     else:
         other = root / "other_token"
-        other.write_text(secrets.token_hex(32) + "\n")
+        _write_token(other)
         env = _client_env(cluster, root, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(other))
     refused = _submit(cluster, env, f"auth-refused-{who.replace(' ', '-')}")
     assert refused.returncode != 0 and "ALIVE" not in refused.stdout, refused.stdout[-2000:]
@@ -103,7 +103,7 @@ def test_a_node_with_another_token_cannot_join(token_cluster) -> None:
     """``ray start --address=<head>`` with a token other than the cluster's gives up; the cluster keeps 2 nodes."""
     cluster, root = token_cluster
     other = root / "intruder_token"
-    other.write_text(secrets.token_hex(32) + "\n")
+    _write_token(other)
     intruder = LocalRayCluster(root / "intruder", env={**cluster.env, "RAY_AUTH_TOKEN_PATH": str(other)})
     intruder.port = cluster.port  # `ray start --address=<the real head>`
     try:
