@@ -19,9 +19,7 @@ any face is predicted but flagged ``no_face``; neither stops the run.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -32,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.data.faces import resolve_device
+from orchestrator.tracking import no_download_bar
 from orchestrator.trial.inference import (
     STATUS_FAILED,
     STATUS_OK,
@@ -119,28 +118,13 @@ def _download(uri: str, tracking_uri: str | None, encoder_checkpoint: Path | str
 
 
     store = tracking_uri or mlflow.get_tracking_uri()
-    with tempfile.TemporaryDirectory(prefix="mtcae_model_") as tmp, use_tracking_uri(store), _no_download_bar():
+    with tempfile.TemporaryDirectory(prefix="mtcae_model_") as tmp, use_tracking_uri(store), no_download_bar():
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
         except (MlflowException, OSError) as error:
             message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
             raise PredictError(f"--model {uri}: cannot be loaded from {store} ({message})") from None
         return load_package(local, encoder_checkpoint)
-
-
-@contextlib.contextmanager
-def _no_download_bar() -> Iterator[None]:
-    """MLflow's per-file download bar off (it would interleave with ours)."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 # ---------------------------------------------------------------- the run

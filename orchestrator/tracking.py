@@ -572,6 +572,21 @@ def save_confusion_png(confusion: np.ndarray, class_names: Sequence[str], path: 
     fig.savefig(path)
 
 
+@contextlib.contextmanager
+def no_download_bar() -> Iterator[None]:
+    """MLflow's per-download progress bar off: a bar per small artifact only clutters a log (or our own bar)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def fold_confusion(client: Any, run_ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """The confusion matrix summed over the ``predictions.csv`` of several trial runs (one per fold).
 
@@ -582,7 +597,7 @@ def fold_confusion(client: Any, run_ids: Sequence[str]) -> tuple[np.ndarray, lis
     from mlflow.exceptions import MlflowException
 
     frames = []
-    with tempfile.TemporaryDirectory(prefix="mtcae_predictions_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mtcae_predictions_") as tmp, no_download_bar():
         for run_id in run_ids:
             try:
                 path = client.download_artifacts(run_id, "predictions.csv", tmp)

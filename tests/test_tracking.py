@@ -159,6 +159,21 @@ def test_log_final_metrics_and_artifacts(store, tmp_path):
     assert predictions[6]["correct"] == "0"
 
 
+def test_fold_confusion_sums_the_folds_predictions_without_a_download_bar(store, capfd):
+    uri, _ = store
+    folds = {"k-fold0": ([0, 0, 1, 2], [0, 1, 1, 2]), "k-fold1": ([1, 2, 2, 0], [1, 2, 0, 0])}
+    run_ids = []
+    for key, (y_true, y_pred) in folds.items():
+        with TrialLogger(uri, "exp-trial", key, "run", _tags(), {"lr": 0.1}) as logger:
+            logger.log_final({"test_uar": 0.5}, y_true, y_pred, CLASSES, [f"{key}-c{i}" for i in range(4)])
+        run_ids.append(logger.run_id)
+    capfd.readouterr()
+    counts, names = tracking.fold_confusion(MlflowClient(uri), run_ids)
+    assert "Downloading artifacts" not in capfd.readouterr().err  # one bar per fold would fill the sweep's log
+    np.testing.assert_array_equal(counts, [[2, 1, 0], [0, 2, 0], [1, 0, 2]])
+    assert names == list(CLASSES)
+
+
 def test_context_manager_marks_failure(store):
     uri, _ = store
     with pytest.raises(RuntimeError):
