@@ -37,12 +37,13 @@ CLASSES = ("angry", "happy")
 
 
 def _log_fold(uri, dataset, arch, fold, uar, n_folds, *, stage="cv", config="c1", val_uar=0.5,
-              parent=None, key_suffix="", checkpoint="videomae_k400.pth"):
-    tags = {"dataset": dataset, "arch": arch, "fold": fold, "sweep": SWEEP, "stage": stage,
+              parent=None, key_suffix="", checkpoint="videomae_k400.pth", sweep=SWEEP):
+    tags = {"dataset": dataset, "arch": arch, "fold": fold, "sweep": sweep, "stage": stage,
             "config_hash": config}
-    params = {"dataset": dataset, "arch": arch, "fold": fold, "n_folds": n_folds,
-              "encoder_checkpoint": checkpoint}
-    key = f"{SWEEP}/{stage}/{dataset}/{arch}/{config}/f{fold}{key_suffix}"
+    params = {"dataset": dataset, "arch": arch, "fold": fold, "n_folds": n_folds}
+    if checkpoint is not None:  # as resolved_params: an unset setting is not logged
+        params["encoder_checkpoint"] = checkpoint
+    key = f"{sweep}/{stage}/{dataset}/{arch}/{config}/f{fold}{key_suffix}"
     logger = TrialLogger(uri, EXPERIMENT, key, f"{dataset}-{arch}-f{fold}", tags, params, parent)
     logger.log_epoch({"train_loss": 1.0, "val_uar": val_uar}, 0)
     if uar is None:
@@ -186,6 +187,26 @@ def test_comparison_tables_rank_literature_and_measured_rows(loaded):
     demo = by_name["comparison_demo"]
     assert len(demo.cells) == 2 and set(demo.cells["Source"]) == {"measured (2/2 folds)"}
     assert any("n/a" in n for n in demo.notes)
+
+
+def test_ssl_column_reads_a_run_without_a_checkpoint_param_as_no(tmp_path):
+    """The demo's runs train from the seeded random init and log no ``encoder_checkpoint``: their
+    SSL cell is ×, not ?; and one run with a checkpoint among runs without is not enough for ✓."""
+    uri = default_tracking_uri(tmp_path)
+    ensure_experiment(uri, EXPERIMENT)
+
+    def ssl_cells(sweep: str) -> dict[str, str]:
+        runs = results.load_runs(uri, EXPERIMENT, sweep=sweep, stage="cv")
+        (demo,) = tables.comparison_tables(results.aggregate(runs), runs)
+        return dict(zip(demo.cells["Method"].str.extract(r"\[(\w+)\]")[0], demo.cells["SSL"]))
+
+    for arch in ("stl", "cascaded_vit"):
+        for fold in range(2):
+            _log_fold(uri, "demo", arch, fold, 0.5, 2, checkpoint=None)
+    assert ssl_cells(SWEEP) == {"stl": "×", "cascaded_vit": "×"}
+    for fold, checkpoint in enumerate((None, "videomae_k400.pth")):
+        _log_fold(uri, "demo", "stl", fold, 0.5, 2, checkpoint=checkpoint, sweep="mixed")
+    assert ssl_cells("mixed") == {"stl": "×"}
 
 
 def test_recall_table_means_per_class(loaded):

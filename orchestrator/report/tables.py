@@ -218,11 +218,21 @@ def _table1_data(group: pd.DataFrame, dataset: str) -> pd.DataFrame:
 
 
 def _ssl_flag(runs: pd.DataFrame) -> bool | None:
-    """Self-supervised = the encoder started from a (VideoMAE) checkpoint; None when unknown."""
-    if "param.encoder_checkpoint" not in runs:
+    """Self-supervised = every run's encoder started from a (VideoMAE) checkpoint.
+
+    A run without an ``encoder_checkpoint`` param but with its hyperparameters (``param.arch``) had
+    none: unset settings are not logged (``resolved_params``). None when no run logged its
+    hyperparameters.
+    """
+    if "param.arch" not in runs:
         return None
-    values = runs["param.encoder_checkpoint"].dropna().astype(str)
-    return bool(len(values)) and bool((~values.isin(["", "None", "none", "null"])).all())
+    logged = runs[runs["param.arch"].notna()]
+    if logged.empty:
+        return None
+    if "param.encoder_checkpoint" not in logged:
+        return False
+    values = logged["param.encoder_checkpoint"]
+    return bool((values.notna() & ~values.astype(str).isin(["", "None", "none", "null"])).all())
 
 
 def _flag(value: bool | None) -> str:
