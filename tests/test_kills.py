@@ -61,8 +61,14 @@ def _results(uri: str) -> tuple[set[str], list]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("space, stage", [(SPACE, "search"), (POOLED_SPACE, "cv")], ids=["search", "cv"])
-def test_driver_sigkill_then_resume_trains_nothing_twice(tmp_path: Path, space: str, stage: str) -> None:
+@pytest.mark.parametrize("space, stage, damage", [
+    (SPACE, "search", None), (POOLED_SPACE, "cv", None),
+    (SPACE, "search", "experiment_state-*.json"), (SPACE, "search", "searcher-state-*.pkl"),
+], ids=["search", "cv", "search-empty-experiment-state", "search-empty-searcher-state"])
+def test_driver_sigkill_then_resume_trains_nothing_twice(tmp_path: Path, space: str, stage: str,
+                                                         damage: str | None) -> None:
+    """``damage``: a file of Tune's newest snapshot that the kill left empty, as a SIGKILL during
+    Tune's upload (a plain copy) leaves it; the resume must neither abort nor sample more."""
     import optuna
 
     crash = {"stage": stage, "arch": "cascaded_vit", "fold": 1, "epoch": 1, "once": True, "action": "kill"}
@@ -77,12 +83,19 @@ def test_driver_sigkill_then_resume_trains_nothing_twice(tmp_path: Path, space: 
     recorded, _ = _results(uri)
     before = len(_calls(channel))
     assert recorded, "some trials finished before the kill"
+    if damage:
+        damaged = max((tmp_path / "out" / "ray_results" / "fake").glob(f"*/{damage}"))
+        damaged.write_bytes(b"")
 
     second = _driver(tmp_path, space_file)
     try:
         assert second.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     finally:
         _kill_group(second)
+    if damage:
+        log = (tmp_path / "driver.log").read_text()
+        assert f"{damaged.name} is empty" in log, "the driver names the damaged file"
+        assert "Failed to restore the run state" not in log, "Tune never tries the damaged snapshot"
     after = _calls(channel)[before:]
     assert not recorded & {c["trial_key"] for c in after}, "a trial whose result reached MLflow trained again"
     done, runs = _results(uri)

@@ -83,8 +83,10 @@ class StudySearcher(Searcher):
     study's running trials. A configuration equal to one the study already sampled is not trained
     again: it receives that configuration's score. The searcher's state is saved with Tune's
     experiment state, and the studies persist in an RDB storage, each trial carrying its folds'
-    scores, trial keys and MLflow run ids as user attributes; a configuration a dead driver had sampled after Tune's
-    last snapshot is taken up again on restore (same number, same parameters), never failed.
+    scores, trial keys and MLflow run ids as user attributes. The storage, not Tune's snapshot, is what
+    a study sampled: a configuration a dead driver sampled after Tune's last usable snapshot (or with
+    no usable snapshot at all) is taken up again (same number, same parameters), never failed and
+    never sampled twice.
 
     Args:
         studies: The studies of the sweep's search.
@@ -249,32 +251,61 @@ class StudySearcher(Searcher):
                                           metric=self._metric)
         return self._open[name]
 
-    def _sampler(self, study: Study) -> Any:
-        if study.name not in self._samplers:
+    def _sampler(self, study: Study, sampled: int = 0) -> Any:
+        """The study's TPE sampler. ``sampled``: trials its storage holds that this searcher's state
+        did not (a lost or older snapshot): a sampler seeded apart replaces it, as the old one's
+        random state would draw those trials' parameters again."""
+        if study.name not in self._samplers or sampled:
             import optuna
 
-            self._samplers[study.name] = optuna.samplers.TPESampler(seed=study.seed)
+            seed = int(stable_hash([study.seed, sampled], 8), 16) if sampled else study.seed
+            self._samplers[study.name] = optuna.samplers.TPESampler(seed=seed)
         return self._samplers[study.name]
 
     def _new_config(self, study: Study) -> None:
-        """Sample a configuration: a trial a dead driver left RUNNING first, else a new one."""
+        """Add the study's next configuration: one its storage holds that this searcher does not know
+        (a previous driver sampled it after Tune's last usable snapshot, or Tune's snapshot was lost),
+        else a newly sampled one.
+
+        A known-to-storage trial keeps its number and parameters. A finished one (COMPLETE, PRUNED, or
+        FAIL with a ``retry_of`` twin) is taken as it stands: nothing of it is handed out again. A
+        RUNNING one, or a FAIL one never retried, hands its folds out again; folds whose result MLflow
+        holds report that record and train nothing (``run_cell``).
+        """
         import optuna
 
+        states = optuna.trial.TrialState
         handle = self._study(study.name)
         configs = self._configs[study.name]
         known = {c["number"] for c in configs}
-        orphans = [t for t in handle.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                   if t.number not in known]
-        if orphans:  # its parameters are in the storage; suggesting them again returns them
-            frozen = min(orphans, key=lambda t: t.number)
-            trial = optuna.trial.Trial(handle, frozen._trial_id)
-            logger.info("study %s: taking up trial %d sampled by a previous driver", study.name, frozen.number)
+        trials = handle.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL,
+                                                          states.RUNNING))
+        retried = {t.user_attrs.get(RETRY_OF) for t in trials} - {None}
+        unknown = [t for t in trials if t.number not in known and RETRY_OF not in t.user_attrs]
+        if unknown:
+            frozen = min(unknown, key=lambda t: t.number)
+            done = frozen.state in (states.COMPLETE, states.PRUNED) or frozen.number in retried
+            # A finished trial's parameters cannot be suggested again on it: replay them.
+            trial = (optuna.trial.Trial(handle, frozen._trial_id) if frozen.state == states.RUNNING
+                     else optuna.trial.FixedTrial(frozen.params, frozen.number))
+            logger.info("study %s: taking up trial %d (%s) sampled by a previous driver%s", study.name,
+                        frozen.number, frozen.state.name, "" if done else ": its folds are handed out again")
+            number, trial_id = frozen.number, frozen._trial_id
+            handle.sampler = self._sampler(study, sampled=len(trials))
         else:
             trial = handle.ask()
+            number, trial_id, frozen, done = trial.number, trial._trial_id, None, False
         params = study.space(trial)
-        alias = next((i for i, c in enumerate(configs) if c["params"] == params), None)
-        configs.append({"number": trial.number, "trial_id": trial._trial_id, "params": params,
-                        "next": 0, "folds": {}, "told": False, "value": None, "alias": alias})
+        alias = None if done else next((i for i, c in enumerate(configs) if c["params"] == params), None)
+        config = {"number": number, "trial_id": trial_id, "params": params, "next": 0, "folds": {},
+                  "told": False, "value": None, "alias": alias}
+        if done:
+            assert frozen is not None
+            pruned = frozen.state == states.PRUNED
+            config.update(next=len(study.folds), told=True, value=frozen.value, folds={
+                str(f): {"score": frozen.user_attrs.get(f"fold{f}_{self._metric}", frozen.value), "pruned": pruned}
+                for f in study.folds})
+        configs.append(config)
         logger.debug("study %s: configuration %d = %s%s", study.name, len(configs) - 1, params,
                      "" if alias is None else f" (the same as configuration {alias}: not trained again)")
         if alias is not None and configs[alias]["told"]:

@@ -25,7 +25,7 @@ from ray import tune
 
 import vocab
 from orchestrator import tracking
-from orchestrator.sweep import tune_sync
+from orchestrator.sweep import tune_state, tune_sync
 from orchestrator.sweep.cell import FINAL_MARKER, CellContext, group_key, run_cell
 from orchestrator.sweep.cluster import trial_resources
 from orchestrator.sweep.errors import SweepError, SweepInterrupted
@@ -90,6 +90,7 @@ class SweepRun:
 def _fit(path: str, trainable: Any, make_tuner: Callable[[], Any]) -> Any:
     """Restore the Tuner at ``path`` if it was started before (errored trials too), else start it."""
     tune_sync.install()  # Tune's upload racing its own save is not the user's problem (tune_sync)
+    tune_state.usable_snapshot(path)  # a snapshot a killed driver left half uploaded is set aside
     if tune.Tuner.can_restore(path):
         logger.info("resuming Tune experiment %s", path)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
