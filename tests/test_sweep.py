@@ -376,6 +376,16 @@ def test_pooled_selection_tests_the_group_choice_on_every_fold_and_says_so(ray_l
                          export_dir=tmp_path / "tables", formats="md", log_artifacts=False)
     assert "selection on pooled folds (optimistic)" in report.markdown
 
+    # Run again with the finished cv stage's snapshot cut short: its results come from MLflow's record.
+    calls = len(_calls(channel))
+    cv_state = max((tmp_path / "out" / "ray_results" / "fake" / "cv").glob("experiment_state-*.json"))
+    cv_state.write_bytes(cv_state.read_bytes()[:100])
+    again = _sweep(space_file, tmp_path)
+    assert again.complete and len(_calls(channel)) == calls, "nothing trains again"
+    keys = ("dataset", "arch", "fold", "status", "test_uar", "test_war")
+    assert [[r.get(k) for k in keys] for r in again.cv_rows] == [[r.get(k) for k in keys] for r in result.cv_rows]
+    assert (cv_state.parent / "unreadable" / cv_state.name).is_file()
+
 
 def _finished_keys(tracking_uri: str) -> set[str]:
     from mlflow import MlflowClient

@@ -139,3 +139,28 @@ def test_a_searcher_with_an_older_snapshot_samples_no_configuration_twice(tmp_pa
     assert len(trials) == 3 and len({tuple(sorted(t.params.items())) for t in trials}) == 3, [t.params for t in trials]
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert not any(RETRY_OF in t.user_attrs or "same_as_trial" in t.user_attrs for t in trials)
+
+
+@pytest.fixture
+def ray_session(monkeypatch: pytest.MonkeyPatch):
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=1, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_set_aside_session_leaves_the_staging_folder_a_stopped_driver_left(ray_session, experiment: Path) -> None:
+    """On a running cluster a stopped driver's staging folder stays, holding the whole snapshot it
+    was uploading; Tune restores its searcher from there, so that copy must go too."""
+    from ray.train._internal.storage import StorageContext
+
+    staging = Path(StorageContext(str(experiment.parent), experiment.name).experiment_driver_staging_path)
+    staging.mkdir(parents=True)
+    _session(experiment, OLD)
+    _session(experiment, NEW, damaged="experiment_state")
+    _session(staging, OLD)
+    _session(staging, NEW)
+    assert usable_snapshot(str(experiment)).session == OLD
+    assert sorted(p.name for p in staging.iterdir()) == sorted(p.name for p in experiment.glob(f"*{OLD}*"))

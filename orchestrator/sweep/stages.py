@@ -258,12 +258,13 @@ def record_choice(run: SweepRun, run_id: str, choice: Mapping[str, Any]) -> None
 def _run_cv(run: SweepRun, chosen: Mapping[str, Mapping[str, Any]]) -> Any:
     """The grid dataset x arch x fold with each group's configuration, in one Tune run.
 
-    When the stage finished before, its results are read back without running anything.
+    When the stage finished before, its results are read back without running anything (from a
+    whole Tune snapshot; without one, the grid runs again and every trial reports its MLflow record).
     """
     space = run.space
     trainable = run.trainable(vocab.STAGE_CV, chosen)
     path = join_storage(run.storage, run.name, vocab.STAGE_CV)
-    if run.state.complete and tune.Tuner.can_restore(path):
+    if run.state.complete and tune_state.usable_snapshot(path).session and tune.Tuner.can_restore(path):
         logger.info("[%s] stage cv already finished; reading its results", run.name)
         return tune.Tuner.restore(path, trainable=trainable).get_results()
 

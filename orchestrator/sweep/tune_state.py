@@ -25,6 +25,7 @@ import logging
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow.fs
 
@@ -89,6 +90,27 @@ def _problem(fs: pyarrow.fs.FileSystem, path: str, read: Callable[[bytes], None]
     return None
 
 
+def _drop_staged_copies(experiment_name: str, names: list[str]) -> None:
+    """Delete this Ray session's staged copies of the files set aside.
+
+    A driver stopped on a running cluster (``ray job stop``) leaves Tune's staging folder behind in
+    the cluster's session, with the snapshot it was uploading whole there; the resumed run stages
+    into the same folder and Tune reads its searcher state from it, newest first, so a set-aside
+    session would come back through it and meet the older session's trials. The staged copies are
+    only copies: storage keeps the set-aside files in ``unreadable/``.
+    """
+    import ray
+
+    if not names or not ray.is_initialized():
+        return
+    from ray.train.constants import _get_ray_train_session_dir
+
+    # Tune's own (private) helper for where it stages; the layout is <timestamp>/<name>/driver_artifacts.
+    for staging in Path(_get_ray_train_session_dir()).glob(f"*/{experiment_name}/driver_artifacts"):
+        for name in names:
+            (staging / name).unlink(missing_ok=True)
+
+
 def usable_snapshot(experiment: str) -> Snapshot:
     """Keep the newest whole snapshot of the Tune experiment at ``experiment``; set the rest aside.
 
@@ -136,6 +158,7 @@ def usable_snapshot(experiment: str) -> Snapshot:
     fs.create_dir(f"{root}/{SET_ASIDE}", recursive=True)
     for name in aside:
         fs.move(f"{root}/{name}", f"{root}/{SET_ASIDE}/{name}")
+    _drop_staged_copies(root.rstrip("/").rsplit("/", 1)[-1], aside)
     for name in sorted(set(aside) | set(problems)):
         why = problems.get(name, "has no whole snapshot beside it" if name == TUNER_FILE
                            else "belongs to a snapshot that is not whole")
