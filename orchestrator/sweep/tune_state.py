@@ -19,10 +19,8 @@ stage starts a new Tune run: the Optuna storage and MLflow, not Tune's snapshot,
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
 import logging
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +38,9 @@ def _read_json(data: bytes) -> None:
 
 
 def _read_pickle(data: bytes) -> None:
-    import ray.cloudpickle  # noqa: F401  (Tune's pickles may need its reducers)
+    import ray.cloudpickle
 
-    pickle.load(io.BytesIO(data))
+    ray.cloudpickle.loads(data)  # as Tune loads them
 
 
 # File name pattern of each kind of snapshot file (``{}``: the session) -> how it reads back.
@@ -66,12 +64,6 @@ class Snapshot:
 
     session: str | None
     set_aside: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), path
 
 
 def _problem(fs: pyarrow.fs.FileSystem, path: str, read: Callable[[bytes], None]) -> str | None:
@@ -125,7 +117,9 @@ def usable_snapshot(experiment: str) -> Snapshot:
     Returns:
         The session kept and what was set aside.
     """
-    fs, root = _filesystem(experiment)
+    from ray.train._internal.storage import get_fs_and_path
+
+    fs, root = get_fs_and_path(experiment)  # the path resolved as Tune resolves it (Tuner.can_restore)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     names = {info.base_name for info in infos if info.type == pyarrow.fs.FileType.File}
     sessions: dict[str, dict[str, str]] = {}  # session -> kind -> file name
